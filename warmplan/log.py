@@ -1,0 +1,39 @@
+"""Logging through structlog: readable on a terminal, one JSON object a line with
+``--log-format json``. Logs go to stderr so that tables and ``--json`` output on
+stdout stay machine-readable."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal
+
+import structlog
+
+LogFormat = Literal["console", "json"]
+
+
+def configure(fmt: LogFormat = "console", level: str = "info") -> None:
+    """Configure structlog once for the process (the CLI calls this)."""
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt == "json":
+        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger bound to ``name`` (the module)."""
+    return structlog.get_logger(name)

@@ -1,0 +1,581 @@
+"""Load a plan: YAML -> schema validation -> frozen, typed records.
+
+Every problem names ``file:line:column``, the path to the field
+(``steps[2].tokens[0]``), what was found and what was expected, with a hint where
+one helps. All problems of a file are reported at once (``PlanError.problems``).
+No torch import on this path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+from jsonschema.exceptions import ValidationError
+
+from warmplan import schema as S
+from warmplan.errors import PlanError
+from warmplan.workers.base import Shape
+from warmplan.yamlsrc import Located, Mark, YamlError, load_located
+
+MAX_PLAN_BYTES = 4 * 1024 * 1024
+
+FlagState = bool | Literal["unset"]
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnvGate:
+    """An environment variable that must be truthy; ``unset`` is what absence means."""
+
+    name: str
+    unset: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Gates:
+    """Conditions that must all hold; ``None`` / empty means "no condition"."""
+
+    env: tuple[EnvGate, ...] = ()
+    platform: tuple[str, ...] | None = None
+    device_capability: tuple[int, int] | None = None
+    device_capability_family: int | None = None
+    attention_backend: tuple[str, ...] | None = None
+    pooling: bool | None = None
+    flag: Mapping[str, tuple[FlagState, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRange:
+    """``{range: [lo, hi]}``: every count from lo to hi inclusive."""
+
+    lo: int
+    hi: int
+
+    def expand(self) -> list[int]:
+        return list(range(self.lo, self.hi + 1))
+
+
+@dataclass(frozen=True, slots=True)
+class PowersOfTwo:
+    """``{powers_of_two: [lo, hi]}``: every power of two from lo to hi inclusive."""
+
+    lo: int
+    hi: int
+
+    def expand(self) -> list[int]:
+        out, n = [], self.lo
+        while n <= self.hi:
+            out.append(n)
+            n *= 2
+        return out
+
+
+TokenItem = int | TokenRange | PowersOfTwo
+
+
+def expand_tokens(items: Iterable[TokenItem]) -> list[int]:
+    """Expand a token list into plain counts, in order."""
+    out: list[int] = []
+    for item in items:
+        out.extend([item] if isinstance(item, int) else item.expand())
+    return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSpec:
+    """A dummy-run request: shape, tokens (a count or a limit name), prior context."""
+
+    shape: Shape
+    tokens: int | str
+    prior_context: int | Literal["same"] = 0
+    force_attention: bool = False
+    clamp_to: str = "max_num_batched_tokens"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheSpec:
+    """Where tuning results persist and how ranks share them."""
+
+    path: str = S.DEFAULT_CACHE_PATH
+    policy: Literal["leader", "every_rank", "load_only"] = "leader"
+    on_missing: Literal["tune", "skip", "fail"] = "tune"
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepBase:
+    id: str
+    kind: str
+    description: str = ""
+    enabled: bool = True
+    when: Gates = field(default_factory=Gates)
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotMappingStep(StepBase):
+    tokens: tuple[TokenItem, ...]
+    clamp_to: str = "max_num_tokens"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DummyRunStep(StepBase):
+    run: RunSpec
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AutotuneStep(StepBase):
+    backend: Literal["builtin", "flashinfer", "triton"]
+    run: RunSpec
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    replaces: str | None = None
+
+
+Step = SlotMappingStep | DummyRunStep | AutotuneStep
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompileCacheSpec:
+    share: bool = False
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """A validated plan. ``source`` is the text it was read from."""
+
+    version: int
+    name: str
+    description: str = ""
+    when: Gates = field(default_factory=Gates)
+    builtin: Mapping[str, Any] = field(default_factory=dict)
+    compile_cache: CompileCacheSpec = field(default_factory=CompileCacheSpec)
+    steps: tuple[Step, ...]
+    path: str | None = None
+    source: str = ""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()
+
+    def step(self, step_id: str) -> Step:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(f"no step {step_id!r}; steps: {', '.join(s.id for s in self.steps)}")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def format_path(path: Iterable[str | int]) -> str:
+    """``("steps", 2, "tokens", 0)`` -> ``steps[2].tokens[0]``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+_TYPE_WORDS = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "true or false",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "null",
+}
+
+
+def _expected_of(schema: Mapping[str, Any]) -> str:
+    """A short English rendering of what a (sub)schema accepts."""
+    if "$ref" in schema:
+        return "a step"
+    if "const" in schema:
+        return repr(schema["const"])
+    if "enum" in schema:
+        return "one of " + ", ".join(str(v) for v in schema["enum"])
+    if "oneOf" in schema:
+        return " or ".join(_expected_of(s) for s in schema["oneOf"])
+    kind = schema.get("type")
+    if kind == "object" and "required" in schema and len(schema.get("properties", {})) == 1:
+        key = schema["required"][0]
+        return f"{{{key}: [first, last]}}"
+    word = _TYPE_WORDS.get(str(kind), str(kind))
+    if kind in ("integer", "number") and "minimum" in schema:
+        word += f" >= {schema['minimum']}"
+    return word
+
+
+class _Reporter:
+    def __init__(self, file: str, located: Located) -> None:
+        self.file = file
+        self.located = located
+        self.problems: list[tuple[int, int, str]] = []
+
+    def add(self, path: tuple[str | int, ...], message: str, *, at_key: bool = False, mark: Mark | None = None) -> None:
+        where = mark or (self.located.key_mark(path) if at_key else self.located.mark(path))
+        line, col = (where.line, where.column) if where else (1, 1)
+        self.problems.append((line, col, f"{self.file}:{line}:{col}: {format_path(path)}: {message}"))
+
+    def messages(self) -> list[str]:
+        seen: set[str] = set()
+        out = []
+        for _, _, msg in sorted(self.problems, key=lambda p: (p[0], p[1])):
+            if msg not in seen:
+                seen.add(msg)
+                out.append(msg)
+        return out
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _report_schema_error(rep: _Reporter, err: ValidationError) -> None:
+    path = tuple(err.absolute_path)
+    schema = err.schema if isinstance(err.schema, dict) else {}
+    v = err.validator
+    if v == "oneOf":
+        # Pick the branch meant by the value (a step's kind, an expansion's key) and
+        # report its own errors; otherwise say what the alternatives were.
+        branches = schema.get("oneOf", [])
+        inst = err.instance
+        chosen = _choose_branch(branches, inst)
+        if chosen is not None:
+            sub = [e for e in err.context or [] if e.relative_schema_path and e.relative_schema_path[0] == chosen]
+            if sub:
+                for e in sub:
+                    _report_schema_error(rep, e)
+                return
+        if _is_step_list_item(path):
+            kinds = ", ".join(S.STEP_KINDS)
+            if isinstance(inst, dict) and "kind" in inst:
+                rep.add((*path, "kind"), f"unknown step kind {_show(inst['kind'])}; expected one of {kinds}{_suggest(str(inst['kind']), S.STEP_KINDS)}")
+            elif isinstance(inst, dict):
+                rep.add(path, f"missing required key 'kind'; expected one of {kinds}")
+            else:
+                rep.add(path, f"expected a step mapping, found {_show(inst)}")
+            return
+        rep.add(path, f"expected {_expected_of(schema)}, found {_show(inst)}")
+        return
+    if v == "additionalProperties":
+        props = schema.get("properties", {})
+        inst = err.instance if isinstance(err.instance, dict) else {}
+        for key in inst:
+            if key not in props:
+                rep.add((*path, key), f"unknown key {key!r}{_suggest(key, props)}; expected one of {', '.join(props)}", at_key=True)
+        return
+    if v == "required":
+        missing = [k for k in schema.get("required", []) if k not in (err.instance or {})]
+        for key in missing:
+            rep.add(path, f"missing required key {key!r}")
+        return
+    if v == "type":
+        expected = err.validator_value
+        words = " or ".join(_TYPE_WORDS.get(t, t) for t in ([expected] if isinstance(expected, str) else expected))
+        rep.add(path, f"expected {words}, found {_show(err.instance)}")
+        return
+    if v == "enum":
+        options = [str(o) for o in err.validator_value]
+        hint = _suggest(str(err.instance), options) if isinstance(err.instance, str) else ""
+        rep.add(path, f"expected one of {', '.join(options)}, found {_show(err.instance)}{hint}")
+        return
+    if v == "const":
+        rep.add(path, f"expected {err.validator_value!r}, found {_show(err.instance)}")
+        return
+    if v in ("minimum", "exclusiveMinimum", "maximum"):
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<="}[str(v)]
+        rep.add(path, f"expected a number {op} {err.validator_value}, found {_show(err.instance)}")
+        return
+    if v in ("minItems", "maxItems"):
+        n = err.validator_value
+        what = "at least" if v == "minItems" else "at most"
+        if schema.get("minItems") == schema.get("maxItems"):
+            what = "exactly"
+        rep.add(path, f"expected {what} {n} item{'s' if n != 1 else ''}, found {len(err.instance)}")
+        return
+    if v == "items" and schema.get("items") is False:
+        rep.add(path, f"expected exactly {len(schema.get('prefixItems', []))} items, found {len(err.instance)}")
+        return
+    if v == "uniqueItems":
+        rep.add(path, f"expected unique items, found duplicates in {err.instance!r}")
+        return
+    if v == "pattern":
+        if path and path[-1] == "id" or path == ("name",):
+            rep.add(path, f"expected an id of lower-case letters, digits, '-', '_' or '.', found {_show(err.instance)}")
+        else:
+            rep.add(path, f"expected a value matching {err.validator_value}, found {_show(err.instance)}")
+        return
+    if v == "propertyNames":
+        rep.add(path, f"invalid name {err.instance!r}")
+        return
+    if v == "minLength":
+        rep.add(path, "expected a non-empty string, found ''")
+        return
+    rep.add(path, f"{err.message}")
+
+
+def _is_step_list_item(path: tuple[str | int, ...]) -> bool:
+    return len(path) == 2 and path[0] == "steps" and isinstance(path[1], int)
+
+
+def _choose_branch(branches: list[Any], inst: Any) -> int | None:
+    for i, branch in enumerate(branches):
+        if "$ref" in branch:
+            kind = branch["$ref"].rsplit("/", 1)[-1].removesuffix("_step")
+            if isinstance(inst, dict) and inst.get("kind") == kind:
+                return i
+            continue
+        if branch.get("type") == "object" and isinstance(inst, dict):
+            req = branch.get("required", [])
+            if req and req[0] in inst:
+                return i
+            if not req and len(branches) > 1:
+                return i
+        if branch.get("type") == "array" and isinstance(inst, list):
+            return i
+        if branch.get("type") == "string" and isinstance(inst, str):
+            return i
+        if branch.get("type") == "integer" and isinstance(inst, int) and not isinstance(inst, bool):
+            return i
+        if branch.get("type") == "number" and isinstance(inst, (int, float)) and not isinstance(inst, bool):
+            return i
+    return None
+
+
+# --------------------------------------------------------------------------- loading
+
+_VALIDATOR = jsonschema.Draft202012Validator(S.SCHEMA)
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def read_source(path: str | os.PathLike[str]) -> str:
+    """Read a plan file as UTF-8; every failure is a one-line ``PlanError``."""
+    name = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise PlanError([f"{name}: no such file"])
+    if p.is_dir():
+        raise PlanError([f"{name}: is a directory, expected a plan file (.yaml)"])
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise PlanError([f"{name}: cannot read: {exc.strerror}"]) from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise PlanError([f"{name}: {len(raw)} bytes; plans are limited to {MAX_PLAN_BYTES} bytes"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PlanError([f"{name}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); plans are UTF-8 text"]) from None
+
+
+def load_plan(source: str | os.PathLike[str], *, name: str | None = None) -> Plan:
+    """Load and validate a plan from a path, or from YAML text (``name`` labels it).
+
+    A string that contains a newline, or does not name an existing file, is taken
+    as YAML text. Raises ``PlanError`` listing every problem.
+    """
+    if isinstance(source, os.PathLike) or ("\n" not in source and (Path(source).exists() or source.endswith((".yaml", ".yml")))):
+        label = str(source)
+        return parse_plan(read_source(source), file=label, path=label)
+    return parse_plan(source, file=name or "<plan>", path=None)
+
+
+def parse_plan(text: str, *, file: str = "<plan>", path: str | None = None) -> Plan:
+    """Validate YAML ``text`` and build the ``Plan``; ``file`` labels messages."""
+    try:
+        located = load_located(text)
+    except YamlError as exc:
+        where = f"{exc.mark.line}:{exc.mark.column}:" if exc.mark else ""
+        raise PlanError([f"{file}:{where} {exc.message}"]) from None
+    data = located.data
+    if not isinstance(data, dict):
+        raise PlanError([f"{file}:1:1: (top level): expected a mapping with version, name and steps, found {_show(data)}"])
+    rep = _Reporter(file, located)
+    for err in _VALIDATOR.iter_errors(data):
+        _report_schema_error(rep, err)
+    if not rep.problems:
+        _check_semantics(rep, data)
+    if rep.problems:
+        raise PlanError(rep.messages())
+    return _build(data, located, text, path)
+
+
+def _check_semantics(rep: _Reporter, data: dict[str, Any]) -> None:
+    """What the schema cannot say: unique ids, sane ranges, references, templates."""
+    steps: list[dict[str, Any]] = data["steps"]
+    index: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        sid = step["id"]
+        if sid in index:
+            rep.add(("steps", i, "id"), f"duplicate step id {sid!r} (first used by steps[{index[sid]}])")
+        else:
+            index[sid] = i
+    for i, step in enumerate(steps):
+        for j, item in enumerate(step.get("tokens", []) if step["kind"] == "slot_mapping" else []):
+            if isinstance(item, dict):
+                (key, (lo, hi)), = item.items()
+                if lo > hi:
+                    rep.add(("steps", i, "tokens", j, key), f"expected first <= last, found [{lo}, {hi}]")
+                if key == "powers_of_two":
+                    for k, n in enumerate((lo, hi)):
+                        if n & (n - 1):
+                            rep.add(("steps", i, "tokens", j, key, k), f"expected a power of two, found {n}")
+        _check_gates(rep, step.get("when", {}), ("steps", i, "when"))
+        if step["kind"] == "autotune":
+            _check_autotune(rep, step, i, index)
+    _check_gates(rep, data.get("when", {}), ("when",))
+
+
+def _check_gates(rep: _Reporter, gates: Mapping[str, Any], path: tuple[str | int, ...]) -> None:
+    cap = gates.get("device_capability")
+    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and not re.fullmatch(r"\d+(\.\d+)?", str(cap)):
+        rep.add((*path, "device_capability"), f"expected major.minor such as 9.0, found {cap!r}")
+
+
+def _check_autotune(rep: _Reporter, step: dict[str, Any], i: int, index: Mapping[str, int]) -> None:
+    target = step.get("replaces")
+    if target is not None:
+        j = index.get(target)
+        if j is None:
+            rep.add(("steps", i, "replaces"), f"no step with id {target!r}{_suggest(target, index)}")
+        elif j <= i:
+            rep.add(("steps", i, "replaces"), f"expected a later step, found {target!r} (steps[{j}]), which runs before this one")
+    cache = step.get("cache", {})
+    template = cache.get("path", S.DEFAULT_CACHE_PATH)
+    for name in _PLACEHOLDER.findall(template):
+        if name not in S.PLACEHOLDERS:
+            rep.add(("steps", i, "cache", "path"), f"unknown placeholder {{{name}}}{_suggest(name, S.PLACEHOLDERS)}; expected any of {', '.join('{' + p + '}' for p in S.PLACEHOLDERS)}")
+    if not template.startswith("{cache_root}"):
+        rep.add(("steps", i, "cache", "path"), f"expected a path starting with {{cache_root}}, found {template!r}; cache files stay inside the cache root")
+    policy = cache.get("policy", "leader")
+    if policy == "every_rank" and "{rank}" not in template:
+        rep.add(("steps", i, "cache", "path"), "policy every_rank keeps one file per rank: the path must contain {rank}")
+    if policy == "load_only" and cache.get("on_missing") == "tune":
+        rep.add(("steps", i, "cache", "on_missing"), "policy load_only never tunes: expected skip or fail, found 'tune'")
+
+
+def _gates(raw: Mapping[str, Any]) -> Gates:
+    env_raw = raw.get("env")
+    env_items = [] if env_raw is None else env_raw if isinstance(env_raw, list) else [env_raw]
+    env = tuple(EnvGate(name=e) if isinstance(e, str) else EnvGate(name=e["name"], unset=e.get("unset", False)) for e in env_items)
+    platform = raw.get("platform")
+    cap = raw.get("device_capability")
+    capability = None
+    if cap is not None:
+        major, _, minor = str(cap).partition(".")
+        capability = (int(major), int(minor or 0))
+    flags = {
+        name: tuple(state) if isinstance(state, list) else (state,)
+        for name, state in raw.get("flag", {}).items()
+    }
+    backends = raw.get("attention_backend")
+    return Gates(
+        env=env,
+        platform=None if platform is None else tuple([platform] if isinstance(platform, str) else platform),
+        device_capability=capability,
+        device_capability_family=raw.get("device_capability_family"),
+        attention_backend=None if backends is None else tuple(backends),
+        pooling=raw.get("pooling"),
+        flag=flags,
+    )
+
+
+def _run(raw: Mapping[str, Any]) -> RunSpec:
+    return RunSpec(
+        shape=raw["shape"],
+        tokens=raw["tokens"],
+        prior_context=raw.get("prior_context", 0),
+        force_attention=raw.get("force_attention", False),
+        clamp_to=raw.get("clamp_to", "max_num_batched_tokens"),
+    )
+
+
+def _token_item(raw: Any) -> TokenItem:
+    if isinstance(raw, int):
+        return raw
+    ((key, (lo, hi)),) = raw.items()
+    return TokenRange(lo, hi) if key == "range" else PowersOfTwo(lo, hi)
+
+
+def _build(data: dict[str, Any], located: Located, text: str, path: str | None) -> Plan:
+    steps: list[Step] = []
+    for i, raw in enumerate(data["steps"]):
+        mark = located.mark(("steps", i))
+        common: dict[str, Any] = {
+            "id": raw["id"],
+            "kind": raw["kind"],
+            "description": raw.get("description", ""),
+            "enabled": raw.get("enabled", True),
+            "when": _gates(raw.get("when", {})),
+            "line": mark.line if mark else 0,
+        }
+        if raw["kind"] == "slot_mapping":
+            steps.append(SlotMappingStep(**common, tokens=tuple(_token_item(t) for t in raw["tokens"]), clamp_to=raw.get("clamp_to", "max_num_tokens")))
+        elif raw["kind"] == "dummy_run":
+            steps.append(DummyRunStep(**common, run=_run(raw)))
+        else:
+            cache = raw.get("cache", {})
+            steps.append(
+                AutotuneStep(
+                    **common,
+                    backend=raw["backend"],
+                    run=_run(raw["run"]),
+                    cache=CacheSpec(
+                        path=cache.get("path", S.DEFAULT_CACHE_PATH),
+                        policy=cache.get("policy", "leader"),
+                        on_missing=cache.get("on_missing", "tune"),
+                        timeout_s=float(cache.get("timeout_s", 600.0)),
+                    ),
+                    replaces=raw.get("replaces"),
+                )
+            )
+    cc = data.get("compile_cache", {})
+    return Plan(
+        version=data["version"],
+        name=data["name"],
+        description=data.get("description", ""),
+        when=_gates(data.get("when", {})),
+        builtin=dict(data.get("builtin", {})),
+        compile_cache=CompileCacheSpec(share=cc.get("share", False), timeout_s=float(cc.get("timeout_s", 600.0))),
+        steps=tuple(steps),
+        path=path,
+        source=text,
+    )
+
+
+def load_plans(paths: Iterable[str]) -> Iterator[tuple[str, Plan | PlanError]]:
+    """Load each path, yielding the plan or its ``PlanError`` (for ``validate``)."""
+    for p in paths:
+        try:
+            yield p, load_plan(Path(p))
+        except PlanError as exc:
+            yield p, exc

@@ -1,0 +1,155 @@
+"""Read YAML safely into plain Python data, keeping where every value came from.
+
+Only the standard YAML tags are accepted (``!!python/...`` and every other tag is
+an error: a plan can never name code to import); alias expansion is bounded (a
+billion-laughs file fails fast); duplicate keys are errors. Each value's position
+is kept by its path (``("steps", 2, "tokens", 0)``) so that errors can name
+``file:line:column``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+Path = tuple[str | int, ...]
+
+# A plan of a few hundred steps has a few thousand nodes; anything near this limit is
+# an alias bomb, not a plan.
+MAX_NODES = 200_000
+MAX_DEPTH = 64
+
+_STANDARD_TAGS = {
+    "tag:yaml.org,2002:str",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+    "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:seq",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A 1-based line and column in a source file."""
+
+    line: int
+    column: int
+
+
+class YamlError(Exception):
+    """A problem found while reading YAML, with its position."""
+
+    def __init__(self, message: str, mark: Mark | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.mark = mark
+
+
+@dataclass(slots=True)
+class Located:
+    """Plain data plus the position of every value and every mapping key."""
+
+    data: Any
+    values: dict[Path, Mark]
+    keys: dict[Path, Mark]
+
+    def mark(self, path: Path) -> Mark | None:
+        """The position of the value at ``path``, or of its nearest ancestor."""
+        for cut in range(len(path), -1, -1):
+            found = self.values.get(path[:cut])
+            if found is not None:
+                return found
+        return None
+
+    def key_mark(self, path: Path) -> Mark | None:
+        """The position of the key that holds ``path`` (falls back to the value)."""
+        return self.keys.get(path) or self.mark(path)
+
+
+def _mark(node: yaml.Node) -> Mark:
+    return Mark(node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.values: dict[Path, Mark] = {}
+        self.keys: dict[Path, Mark] = {}
+        self.nodes = 0
+        self.scalars = yaml.SafeLoader("")
+
+    def build(self, node: yaml.Node, path: Path) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise YamlError(
+                f"the document expands to more than {MAX_NODES} values "
+                "(aliases referring to aliases?); plans must be small and explicit",
+                _mark(node),
+            )
+        if len(path) > MAX_DEPTH:
+            raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", _mark(node))
+        if node.tag not in _STANDARD_TAGS:
+            raise YamlError(
+                f"tag {node.tag!r} is not allowed: plans hold plain data only "
+                "(strings, numbers, booleans, null, lists, mappings)",
+                _mark(node),
+            )
+        self.values.setdefault(path, _mark(node))
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            first: dict[Any, Mark] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise YamlError("merge keys ('<<') are not supported in plans", _mark(key_node))
+                key = self.build(key_node, (*path, "<key>"))
+                if not isinstance(key, str):
+                    raise YamlError(
+                        f"mapping keys must be strings, found {key!r}", _mark(key_node)
+                    )
+                if key in first:
+                    raise YamlError(
+                        f"duplicate key {key!r} (first at line {first[key].line})",
+                        _mark(key_node),
+                    )
+                first[key] = _mark(key_node)
+                self.keys[(*path, key)] = _mark(key_node)
+                out[key] = self.build(value_node, (*path, key))
+            self.values.pop((*path, "<key>"), None)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        return self.scalars.construct_object(node, deep=True)
+
+
+def _documents(loader: yaml.SafeLoader) -> Iterator[yaml.Node]:
+    while loader.check_node():
+        node = loader.get_node()
+        if node is not None:
+            yield node
+
+
+def load_located(text: str) -> Located:
+    """Parse one YAML document; raise ``YamlError`` with a position on any problem."""
+    loader = yaml.SafeLoader(text)
+    try:
+        docs = list(_documents(loader))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Mark(mark.line + 1, mark.column + 1) if mark else None
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise YamlError(f"invalid YAML: {problem}", where) from None
+    except yaml.YAMLError as exc:
+        raise YamlError(f"invalid YAML: {exc}", None) from None
+    finally:
+        loader.dispose()
+    if not docs:
+        raise YamlError("the file is empty; expected a plan mapping", Mark(1, 1))
+    if len(docs) > 1:
+        raise YamlError("expected one YAML document, found several ('---')", _mark(docs[1]))
+    builder = _Builder()
+    data = builder.build(docs[0], ())
+    return Located(data=data, values=builder.values, keys=builder.keys)
