@@ -312,7 +312,8 @@ def _report_schema_error(rep: _Reporter, err: ValidationError) -> None:
         return
     if v in ("minimum", "exclusiveMinimum", "maximum"):
         op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<="}[str(v)]
-        rep.add(path, f"expected a number {op} {err.validator_value}, found {_show(err.instance)}")
+        word = "an integer" if schema.get("type") == "integer" else "a number"
+        rep.add(path, f"expected {word} {op} {err.validator_value}, found {_show(err.instance)}")
         return
     if v in ("minItems", "maxItems"):
         n = err.validator_value
@@ -328,7 +329,9 @@ def _report_schema_error(rep: _Reporter, err: ValidationError) -> None:
         rep.add(path, f"expected unique items, found duplicates in {err.instance!r}")
         return
     if v == "pattern":
-        if path and path[-1] == "id" or path == ("name",):
+        if path and path[-1] == "device_capability":
+            rep.add(path, f"expected major.minor such as '9.0', found {_show(err.instance)}")
+        elif path and path[-1] == "id" or path == ("name",):
             rep.add(path, f"expected an id of lower-case letters, digits, '-', '_' or '.', found {_show(err.instance)}")
         else:
             rep.add(path, f"expected a value matching {err.validator_value}, found {_show(err.instance)}")
@@ -422,37 +425,49 @@ def parse_plan(text: str, *, file: str = "<plan>", path: str | None = None) -> P
     rep = _Reporter(file, located)
     for err in _VALIDATOR.iter_errors(data):
         _report_schema_error(rep, err)
-    if not rep.problems:
-        _check_semantics(rep, data)
+    kinds = {s.get("id"): s.get("kind") for s in data.get("steps", []) if isinstance(s, dict)} if isinstance(data.get("steps"), list) else {}
+    _check_semantics(rep, data, kinds)
     if rep.problems:
         raise PlanError(rep.messages())
     return _build(data, located, text, path)
 
 
-def _check_semantics(rep: _Reporter, data: dict[str, Any]) -> None:
+def _check_semantics(rep: _Reporter, data: dict[str, Any], kinds: Mapping[Any, Any]) -> None:
     """What the schema cannot say: unique ids, sane ranges, references, templates."""
-    steps: list[dict[str, Any]] = data["steps"]
+    # Runs even when the schema found problems, so every problem is reported at once:
+    # each check looks only at values of the right shape.
+    raw_steps = data.get("steps")
     index: dict[str, int] = {}
-    for i, step in enumerate(steps):
-        sid = step["id"]
+    for i, step in enumerate(raw_steps if isinstance(raw_steps, list) else []):
+        sid = step.get("id") if isinstance(step, dict) else None
+        if not isinstance(sid, str):
+            continue
         if sid in index:
             rep.add(("steps", i, "id"), f"duplicate step id {sid!r} (first used by steps[{index[sid]}])")
         else:
             index[sid] = i
-    for i, step in enumerate(steps):
-        for j, item in enumerate(step.get("tokens", []) if step["kind"] == "slot_mapping" else []):
-            if isinstance(item, dict):
-                (key, (lo, hi)), = item.items()
+    for i, step in enumerate(raw_steps if isinstance(raw_steps, list) else []):
+        if not isinstance(step, dict):
+            continue
+        tokens = step.get("tokens")
+        for j, item in enumerate(tokens if isinstance(tokens, list) else []):
+            if isinstance(item, dict) and len(item) == 1 and isinstance(next(iter(item.values())), list):
+                (key, pair), = item.items()
+                if len(pair) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in pair):
+                    continue
+                lo, hi = pair
                 if lo > hi:
                     rep.add(("steps", i, "tokens", j, key), f"expected first <= last, found [{lo}, {hi}]")
                 if key == "powers_of_two":
                     for k, n in enumerate((lo, hi)):
                         if n & (n - 1):
                             rep.add(("steps", i, "tokens", j, key, k), f"expected a power of two, found {n}")
-        _check_gates(rep, step.get("when", {}), ("steps", i, "when"))
-        if step["kind"] == "autotune":
-            _check_autotune(rep, step, i, index)
-    _check_gates(rep, data.get("when", {}), ("when",))
+        if isinstance(step.get("when"), dict):
+            _check_gates(rep, step["when"], ("steps", i, "when"))
+        if step.get("kind") == "autotune":
+            _check_autotune(rep, step, i, index, kinds)
+    if isinstance(data.get("when"), dict):
+        _check_gates(rep, data["when"], ("when",))
 
 
 def _check_gates(rep: _Reporter, gates: Mapping[str, Any], path: tuple[str | int, ...]) -> None:
@@ -461,16 +476,22 @@ def _check_gates(rep: _Reporter, gates: Mapping[str, Any], path: tuple[str | int
         rep.add((*path, "device_capability"), f"expected major.minor such as 9.0, found {cap!r}")
 
 
-def _check_autotune(rep: _Reporter, step: dict[str, Any], i: int, index: Mapping[str, int]) -> None:
+def _check_autotune(rep: _Reporter, step: dict[str, Any], i: int, index: Mapping[str, int], kinds: Mapping[Any, Any]) -> None:
     target = step.get("replaces")
-    if target is not None:
+    if isinstance(target, str):
         j = index.get(target)
         if j is None:
             rep.add(("steps", i, "replaces"), f"no step with id {target!r}{_suggest(target, index)}")
         elif j <= i:
             rep.add(("steps", i, "replaces"), f"expected a later step, found {target!r} (steps[{j}]), which runs before this one")
+        elif kinds.get(target) != "dummy_run":
+            rep.add(("steps", i, "replaces"), f"expected the id of a dummy_run step, found {target!r}, a {kinds.get(target)} step")
     cache = step.get("cache", {})
+    if not isinstance(cache, dict):
+        return
     template = cache.get("path", S.DEFAULT_CACHE_PATH)
+    if not isinstance(template, str):
+        return
     for name in _PLACEHOLDER.findall(template):
         if name not in S.PLACEHOLDERS:
             rep.add(("steps", i, "cache", "path"), f"unknown placeholder {{{name}}}{_suggest(name, S.PLACEHOLDERS)}; expected any of {', '.join('{' + p + '}' for p in S.PLACEHOLDERS)}")

@@ -93,8 +93,9 @@ class _Builder:
         if len(path) > MAX_DEPTH:
             raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", _mark(node))
         if node.tag not in _STANDARD_TAGS:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
             raise YamlError(
-                f"tag {node.tag!r} is not allowed: plans hold plain data only "
+                f"tag {tag!r} is not allowed: plans hold plain data only "
                 "(strings, numbers, booleans, null, lists, mappings)",
                 _mark(node),
             )

@@ -1,0 +1,82 @@
+"""The ``warmplan`` command: validate, plan, run, verify, schema.
+
+``main(argv=None) -> int``; user errors end in one clear message on stderr and exit
+1 (a failed step exits 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from warmplan import __version__
+from warmplan.commands import plan_cmd, run_cmd, schema_cmd, validate
+from warmplan.errors import PlanError, WarmplanError
+from warmplan.log import configure
+
+COMMANDS = [validate, plan_cmd, run_cmd, schema_cmd]
+
+
+def _verify_module() -> object | None:
+    try:
+        from warmplan.commands import verify
+    except ImportError:  # pragma: no cover - verify ships with warmplan
+        return None
+    return verify
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-format", choices=["console", "json"], default="console", help="console (readable) or json (one object a line)")
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    parser = argparse.ArgumentParser(prog="warmplan", description="Declarative kernel warmup plans for LLM inference workers.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"warmplan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _Sub.common = common
+    wrapped = _Sub(sub)
+    modules: list[object] = list(COMMANDS)
+    verify = _verify_module()
+    if verify is not None:
+        modules.insert(3, verify)
+    for module in modules:
+        module.add_parser(wrapped)  # type: ignore[attr-defined]
+    return parser
+
+
+class _Sub:
+    """Adds the common options to every subcommand's parser."""
+
+    common: argparse.ArgumentParser
+
+    def __init__(self, sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        self.sub = sub
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+        parents = [self.common, *kwargs.pop("parents", [])]  # type: ignore[misc]
+        return self.sub.add_parser(name, parents=parents, **kwargs)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure(args.log_format, args.log_level)
+    try:
+        code: int = args.run(args)
+        return code
+    except PlanError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return exc.exit_code
+    except WarmplanError as exc:
+        print(f"warmplan: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("warmplan: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""What the subcommands share: plan loading, worker construction, tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from warmplan.errors import UserError
+from warmplan.plan import Plan, load_plan
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """``--worker``, ``--device``, ``--model-config``: which worker runs the plan."""
+    parser.add_argument("--worker", choices=["builtin"], default="builtin", help="the worker to run on (vLLM runs plans through its plugin; see docs/vllm.md)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device for the built-in engine (auto: cuda when available)")
+    parser.add_argument("--model-config", metavar="FILE", help="YAML/JSON mapping merged over the plan's builtin block")
+
+
+def load_plan_or_exit(path: str) -> Plan:
+    """Load a plan; a bad one raises ``PlanError`` (exit 1 with every problem)."""
+    return load_plan(Path(path))
+
+
+def read_model_config(path: str | None) -> dict[str, Any]:
+    """The ``--model-config`` mapping (empty when not given)."""
+    if path is None:
+        return {}
+    from warmplan.yamlsrc import YamlError, load_located
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read --model-config: {exc}") from None
+    try:
+        data = load_located(text).data
+    except YamlError as exc:
+        where = f"{exc.mark.line}:{exc.mark.column}:" if exc.mark else ""
+        raise UserError(f"{path}:{where} {exc.message}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1:1: expected a mapping of built-in engine settings, found {type(data).__name__}")
+    return data
+
+
+def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
+    """Build the worker the command runs on (the built-in engine)."""
+    config = {**plan.builtin, **read_model_config(getattr(args, "model_config", None))}
+    device = getattr(args, "device", "auto")
+    if device == "auto":
+        config.pop("device", None)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UserError("warmplan run needs torch: pip install torch (the README pins torch==2.13.0 for CPU machines)") from None
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    from warmplan.dist import current_world
+    from warmplan.workers.builtin import build_worker
+
+    world = current_world()
+    try:
+        return build_worker(config, device=device, world=world)
+    except (ValueError, TypeError, KeyError) as exc:
+        source = "plan builtin block" + (f" / {args.model_config}" if getattr(args, "model_config", None) else "")
+        raise UserError(f"{plan.path}: builtin: {exc} (from the {source})") from None
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain, aligned text table (stable for tests and logs)."""
+    cells = [[str(c) for c in columns]] + [["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], file: TextIO | None = None) -> None:
+    print(format_table(rows, columns), file=file or sys.stdout)
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def tokens_text(requested: Sequence[int], applied: Sequence[int]) -> str:
+    """``1-16,32 -> 1-8`` style summary of requested and applied counts."""
+    req, app = _compact(requested), _compact(applied)
+    return req if req == app else f"{req} -> {app or 'none'}"
+
+
+def _compact(values: Sequence[int]) -> str:
+    out: list[str] = []
+    i = 0
+    vals = list(values)
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if j - i < 2 else f"{vals[i]}-{vals[j]}")
+        if 0 < j - i < 2:
+            out.extend(str(v) for v in vals[i + 1 : j + 1])
+        i = j + 1
+    return ",".join(out)

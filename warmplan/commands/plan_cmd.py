@@ -1,0 +1,96 @@
+"""``warmplan plan FILE --max-num-tokens N --max-num-batched-tokens M ...``: the
+resolved plan, without running anything: a table, or JSON with ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Any
+
+from warmplan.commands._common import load_plan_or_exit, print_json, print_table, tokens_text
+from warmplan.errors import UserError
+from warmplan.resolve import CacheContext, arch_of, resolve
+from warmplan.workers.base import Facts, Limits
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, found {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {value}")
+    return value
+
+
+def _capability(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)(?:\.(\d+))?", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected major.minor such as 9.0, found {text!r}")
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, found {text!r}")
+    return key, value
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("plan", help="show a plan resolved against given limits and facts, without running it")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--max-num-tokens", type=_positive, required=True, metavar="N")
+    p.add_argument("--max-num-batched-tokens", type=_positive, required=True, metavar="M")
+    p.add_argument("--max-num-seqs", type=_positive, default=256, metavar="S")
+    p.add_argument("--platform", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--device-capability", type=_capability, metavar="X.Y", help="CUDA capability, e.g. 9.0")
+    p.add_argument("--attention-backend", action="append", default=[], metavar="NAME", help="an attention backend name the worker has (repeatable)")
+    p.add_argument("--pooling", action="store_true", help="the model is a pooling model")
+    p.add_argument("--flag", action="append", type=_pair, default=[], metavar="NAME=true|false", help="a worker flag (repeatable)")
+    p.add_argument("--env", action="append", type=_pair, default=[], metavar="K=V", help="set an environment variable for the gates (repeatable)")
+    p.add_argument("--world-size", type=_positive, default=1)
+    p.add_argument("--rank", type=_positive, default=0)
+    p.add_argument("--cache-root", metavar="DIR", help="cache root for rendered cache paths (default: $WARMPLAN_CACHE_ROOT or ~/.cache/warmplan)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = load_plan_or_exit(args.file)
+    flags: dict[str, bool] = {}
+    for name, value in args.flag:
+        if value.lower() not in ("true", "false"):
+            raise UserError(f"--flag {name}={value}: expected true or false")
+        flags[name] = value.lower() == "true"
+    if args.platform == "cpu" and args.device_capability:
+        raise UserError("--device-capability applies to --platform cuda only")
+    facts = Facts(
+        platform=args.platform,
+        device_capability=args.device_capability,
+        attention_backends=tuple(args.attention_backend),
+        pooling=args.pooling,
+        flags=flags,
+        env={**os.environ, **dict(args.env)},
+    )
+    limits = Limits(max_num_tokens=args.max_num_tokens, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    from warmplan.executor import _default_cache_root
+
+    cache = CacheContext(cache_root=args.cache_root or _default_cache_root(), arch=arch_of(facts), rank=args.rank, world_size=args.world_size)
+    resolved = resolve(plan, limits, facts, cache)
+    if args.json:
+        print_json(resolved.to_dict())
+        return 0
+    rows = []
+    for s in resolved.steps:
+        status = s.skipped or (f"runs unless {s.replaced_by} runs its run" if s.replaced_by else "runs")
+        detail = ""
+        if s.shape:
+            detail = s.shape + (f" +{s.prior_context} ctx" if s.prior_context else "")
+        if s.kind == "autotune":
+            detail += f" {s.backend}/{s.policy} -> {s.cache_path}"
+        rows.append({"step": s.id, "kind": s.kind, "tokens": tokens_text(s.requested, s.applied), "clamp": f"{s.clamp_to}={s.limit}", "detail": detail.strip(), "status": status})
+    print(f"plan {plan.name} ({plan.path}): {sum(s.skipped is None for s in resolved.steps)} of {len(resolved.steps)} steps run")
+    print_table(rows, ["step", "kind", "tokens", "clamp", "detail", "status"])
+    return 0

@@ -1,0 +1,342 @@
+"""Run a plan on a worker: resolve it against the worker, run each step in order
+under the worker's state snapshot, time it, count the compilations seen during it,
+and produce the report (``docs/report.md`` documents its fields)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from warmplan.errors import StepError, WarmplanError
+from warmplan.log import get_logger
+from warmplan.plan import Plan
+from warmplan.resolve import CacheContext, ResolvedPlan, ResolvedStep, arch_of, resolve
+from warmplan.steps import STEPS
+from warmplan.workers.base import Worker
+
+log = get_logger(__name__)
+
+REPORT_VERSION = 1
+
+
+@dataclass(slots=True, kw_only=True)
+class StepReport:
+    """One step's line in the report."""
+
+    id: str
+    kind: str
+    requested: list[int]
+    applied: list[int]
+    skipped: str | None
+    duration_s: float = 0.0
+    compiles: int = 0
+    cache_loads: int = 0
+    shape: str | None = None
+    prior_context: int = 0
+    autotune: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class Report:
+    """The result of running a plan on one rank (``--report FILE``)."""
+
+    plan: dict[str, Any]
+    worker: dict[str, Any]
+    steps: list[StepReport] = field(default_factory=list)
+    duration_s: float = 0.0
+    compile_cache: dict[str, Any] | None = None
+    failed: str | None = None
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        return {
+            "duration_s": round(self.duration_s, 6),
+            "compiles": sum(s.compiles for s in self.steps),
+            "cache_loads": sum(s.cache_loads for s in self.steps),
+            "steps_run": sum(1 for s in self.steps if s.skipped is None and s.error is None),
+            "steps_skipped": sum(1 for s in self.steps if s.skipped is not None),
+        }
+
+    def step(self, step_id: str) -> StepReport:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        raise KeyError(f"no step {step_id!r} in the report; steps: {', '.join(s.id for s in self.steps)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        steps = []
+        for s in self.steps:
+            d = asdict(s)
+            d["duration_s"] = round(s.duration_s, 6)
+            steps.append(d)
+        out: dict[str, Any] = {
+            "report_version": REPORT_VERSION,
+            "plan": self.plan,
+            "worker": self.worker,
+            "steps": steps,
+            "totals": self.totals,
+            "failed": self.failed,
+        }
+        if self.compile_cache is not None:
+            out["compile_cache"] = self.compile_cache
+        return out
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write the report as JSON atomically (temp file + rename)."""
+        write_atomic(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=False).encode() + b"\n")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _default_cache_root() -> str:
+    try:
+        from warmplan.autotune.cache import default_cache_root
+
+        return default_cache_root()
+    except ImportError:  # pragma: no cover - the autotune package ships with warmplan
+        return os.environ.get("WARMPLAN_CACHE_ROOT") or os.path.expanduser("~/.cache/warmplan")
+
+
+def cache_context(plan: Plan, worker: Worker, cache_root: str | None = None) -> CacheContext:
+    """What the resolver needs to render cache paths for this worker."""
+    versions: dict[str, str] = {}
+    for step in plan.steps:
+        backend_name = getattr(step, "backend", None)
+        if backend_name and backend_name not in versions:
+            backend = worker.autotune_backend(backend_name)
+            versions[backend_name] = backend.version if backend is not None else "unavailable"
+    world = worker.world
+    return CacheContext(
+        cache_root=cache_root or _default_cache_root(),
+        arch=arch_of(worker.facts),
+        rank=world.rank,
+        world_size=world.world_size,
+        backend_versions=versions,
+        config=dict(worker.config_fingerprint()),
+    )
+
+
+def resolve_for(plan: Plan, worker: Worker, cache_root: str | None = None) -> ResolvedPlan:
+    """Resolve ``plan`` against ``worker``'s limits, facts and cache context."""
+    return resolve(plan, worker.limits, worker.facts, cache_context(plan, worker, cache_root))
+
+
+class _NoMonitor:
+    """Stands in when the JIT monitor cannot be installed (no torch, say)."""
+
+    @contextlib.contextmanager
+    def attribute(self, label: str) -> Iterator[None]:
+        yield
+
+    def compiles(self, label: str | None = None) -> int:
+        return 0
+
+    def cache_loads(self, label: str | None = None) -> int:
+        return 0
+
+
+ProgressHook = Callable[[int, int, ResolvedStep, str], None]
+
+
+def run_plan(
+    plan: Plan,
+    worker: Worker,
+    *,
+    monitor: Any | None = None,
+    jit_monitor: str = "off",
+    cache_root: str | None = None,
+    progress: ProgressHook | None = None,
+) -> Report:
+    """Run ``plan`` on ``worker`` and return the report.
+
+    ``monitor``: a ``warmplan.monitor.JitMonitor`` to count compilations with; one is
+    made (and removed afterwards) when not given. ``jit_monitor`` (``off`` / ``warn`` /
+    ``error``) arms the monitor after the plan, so that it keeps watching the worker
+    while it serves; an armed monitor stays installed. Raises ``StepError`` (its
+    ``report`` attribute holds the partial report) when a step fails.
+    """
+    started = time.perf_counter()
+    resolved = resolve_for(plan, worker, cache_root)
+    world = worker.world
+    info = worker.describe()
+    report = Report(
+        plan={"name": plan.name, "path": plan.path, "sha256": plan.sha256},
+        worker={
+            "engine": info.engine,
+            "device": info.device,
+            "versions": dict(info.versions),
+            "rank": world.rank,
+            "local_rank": world.local_rank,
+            "world_size": world.world_size,
+            "limits": worker.limits.as_dict(),
+            "facts": worker.facts.as_dict(),
+        },
+    )
+    own_monitor = monitor is None
+    if monitor is None:
+        monitor = _make_monitor()
+    bound = log.bind(plan=plan.name, rank=world.rank) if world.world_size > 1 else log.bind(plan=plan.name)
+    bound.info("plan.start", steps=len(resolved.steps), engine=info.engine, device=info.device)
+    done: dict[str, StepReport] = {}
+    covered: dict[str, str] = {}
+    try:
+        if plan.compile_cache.share and world.world_size > 1:
+            report.compile_cache = _share_compile_caches(plan, resolved, worker, monitor, done, covered, bound, progress)
+        for index, rstep in enumerate(resolved.steps):
+            if rstep.id in done:
+                report.steps.append(done[rstep.id])
+                continue
+            report.steps.append(_run_one(index, len(resolved.steps), rstep, worker, monitor, covered, bound, progress))
+    except StepError as exc:
+        report.failed = str(exc)
+        report.duration_s = time.perf_counter() - started
+        exc.report = report  # type: ignore[attr-defined]
+        if own_monitor:
+            _uninstall(monitor)
+        raise
+    report.duration_s = time.perf_counter() - started
+    totals = report.totals
+    bound.info("plan.done", duration_s=round(report.duration_s, 3), compiles=totals["compiles"], run=totals["steps_run"], skipped=totals["steps_skipped"])
+    if jit_monitor != "off" and hasattr(monitor, "arm"):
+        monitor.arm(jit_monitor)
+    elif own_monitor:
+        _uninstall(monitor)
+    return report
+
+
+def _make_monitor() -> Any:
+    if "torch" not in sys.modules and "triton" not in sys.modules:
+        # Nothing can compile in a process that never imported torch or Triton.
+        return _NoMonitor()
+    from warmplan.monitor import JitMonitor
+
+    m = JitMonitor()
+    m.install()
+    return m
+
+
+def _uninstall(monitor: Any) -> None:
+    if hasattr(monitor, "uninstall"):
+        monitor.uninstall()
+
+
+def _run_one(
+    index: int,
+    total: int,
+    rstep: ResolvedStep,
+    worker: Worker,
+    monitor: Any,
+    covered: dict[str, str],
+    bound: Any,
+    progress: ProgressHook | None,
+) -> StepReport:
+    entry = StepReport(
+        id=rstep.id,
+        kind=rstep.kind,
+        requested=list(rstep.requested),
+        applied=list(rstep.applied),
+        skipped=rstep.skipped,
+        shape=rstep.shape,
+        prior_context=rstep.prior_context,
+    )
+    slog = bound.bind(step=rstep.id, kind=rstep.kind)
+    if entry.skipped is None and rstep.id in covered:
+        entry.skipped = f"covered by {covered[rstep.id]}, which ran this shape"
+    if entry.skipped is not None:
+        slog.info("step.skip", reason=entry.skipped, requested=list(rstep.requested), applied=list(rstep.applied))
+        if progress:
+            progress(index, total, rstep, "skipped")
+        return entry
+    clamped = {r: a for r, a in zip(rstep.requested, _clamped(rstep)) if r != a}
+    slog.info("step.start", requested=list(rstep.requested), applied=list(rstep.applied), clamp_to=rstep.clamp_to, limit=rstep.limit, **({"clamped": clamped} if clamped else {}))
+    if progress:
+        progress(index, total, rstep, "start")
+    t0 = time.perf_counter()
+    try:
+        with monitor.attribute(rstep.id), worker.preserve_state():
+            result = STEPS[rstep.kind](rstep, worker, log=slog)
+            worker.synchronize()
+    except WarmplanError as exc:
+        entry.duration_s = time.perf_counter() - t0
+        entry.error = str(exc)
+        slog.error("step.failed", error=str(exc))
+        if isinstance(exc, StepError):
+            raise
+        raise StepError(rstep.id, str(exc), rank=_rank(worker)) from exc
+    except Exception as exc:
+        entry.duration_s = time.perf_counter() - t0
+        entry.error = f"{type(exc).__name__}: {exc}"
+        slog.error("step.failed", error=entry.error)
+        raise StepError(rstep.id, entry.error, rank=_rank(worker)) from exc
+    entry.duration_s = time.perf_counter() - t0
+    entry.compiles = monitor.compiles(rstep.id)
+    entry.cache_loads = monitor.cache_loads(rstep.id)
+    if result.autotune is not None:
+        entry.autotune = dict(result.autotune)
+    if result.covers_run and rstep.kind == "autotune" and rstep.replaces:
+        covered[rstep.replaces] = rstep.id
+    slog.info("step.done", duration_s=round(entry.duration_s, 4), compiles=entry.compiles, **({"autotune": entry.autotune["decision"]} if entry.autotune else {}))
+    if progress:
+        progress(index, total, rstep, "done")
+    return entry
+
+
+def _clamped(rstep: ResolvedStep) -> list[int]:
+    return [max(0, min(r, rstep.limit)) for r in rstep.requested]
+
+
+def _rank(worker: Worker) -> int | None:
+    world = worker.world
+    return world.rank if world.world_size > 1 else None
+
+
+def _share_compile_caches(
+    plan: Plan,
+    resolved: ResolvedPlan,
+    worker: Worker,
+    monitor: Any,
+    done: dict[str, StepReport],
+    covered: dict[str, str],
+    bound: Any,
+    progress: ProgressHook | None,
+) -> dict[str, Any]:
+    """Rank 0 runs the compile-heavy steps (slot mapping and dummy runs before the
+    first autotune step, which needs every rank) and broadcasts its compile caches;
+    the other ranks unpack them before running their own steps."""
+    from warmplan.compile_cache import share_compile_caches
+
+    leading: list[tuple[int, ResolvedStep]] = []
+    for index, rstep in enumerate(resolved.steps):
+        if rstep.kind == "autotune" and rstep.skipped is None:
+            break
+        leading.append((index, rstep))
+
+    def leader_work() -> None:
+        for index, rstep in leading:
+            done[rstep.id] = _run_one(index, len(resolved.steps), rstep, worker, monitor, covered, bound, progress)
+
+    outcome = share_compile_caches(worker.world, leader_work=leader_work, timeout_s=plan.compile_cache.timeout_s, log=bound)
+    return {"role": outcome.role, "bytes": outcome.bytes, "seconds": round(outcome.seconds, 6)}
