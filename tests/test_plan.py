@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests._paths import PLANS, ROOT
 from warmplan.errors import PlanError
@@ -47,7 +48,10 @@ def test_dsv4_records() -> None:
     assert expand_tokens(slot.tokens) == [*range(1, 17), 32, 64, 128, 256, 512]
     assert slot.clamp_to == "max_num_tokens"
     assert slot.when.platform == ("cuda",)
-    assert slot.when.env[0].name == "VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP" and slot.when.env[0].unset
+    assert (
+        slot.when.env[0].name == "VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP"
+        and slot.when.env[0].unset
+    )
     auto = plan.steps[1]
     assert isinstance(auto, AutotuneStep)
     assert auto.replaces == "sparse-mla-mixed" and auto.when.device_capability_family == 120
@@ -66,7 +70,9 @@ def test_dsv4_records() -> None:
 def test_shipped_plans_load(path: Path) -> None:
     """Every shipped plan loads and starts with the yaml-language-server line."""
     assert load_plan(path).steps
-    assert path.read_text().startswith("# yaml-language-server: $schema=../schemas/plan.schema.json\n")
+    assert path.read_text().startswith(
+        "# yaml-language-server: $schema=../schemas/plan.schema.json\n"
+    )
 
 
 def test_load_plan_from_text() -> None:
@@ -144,7 +150,9 @@ def test_replaces_must_name_a_dummy_run() -> None:
         "  - {id: tune, kind: autotune, backend: builtin, run: {shape: plain, tokens: 8}, replaces: fan}\n"
         "  - {id: fan, kind: slot_mapping, tokens: [1]}\n"
     )
-    assert problems(text) == ["p.yaml:4:92: steps[0].replaces: expected the id of a dummy_run step, found 'fan', a slot_mapping step"]
+    assert problems(text) == [
+        "p.yaml:4:92: steps[0].replaces: expected the id of a dummy_run step, found 'fan', a slot_mapping step"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -152,25 +160,68 @@ def test_replaces_must_name_a_dummy_run() -> None:
     [
         ("", "p.yaml:1:1: the file is empty; expected a plan mapping"),
         ("# only a comment\n", "p.yaml:1:1: the file is empty; expected a plan mapping"),
-        ("[1, 2]\n", "p.yaml:1:1: (top level): expected a mapping with version, name and steps, found a list"),
-        ("version: 1\nname: x\nsteps: [\n", "p.yaml:4:1: invalid YAML: expected the node content, but found '<stream end>'"),
-        ("version: 1\nname: x\nname: y\nsteps: []\n", "p.yaml:3:1: duplicate key 'name' (first at line 2)"),
+        (
+            "[1, 2]\n",
+            "p.yaml:1:1: (top level): expected a mapping with version, name and steps, found a list",
+        ),
+        (
+            "version: 1\nname: x\nsteps: [\n",
+            "p.yaml:4:1: invalid YAML: expected the node content, but found '<stream end>'",
+        ),
+        (
+            "version: 1\nname: x\nname: y\nsteps: []\n",
+            "p.yaml:3:1: duplicate key 'name' (first at line 2)",
+        ),
         (
             HEAD + "  - !!python/object/apply:os.system ['echo hi']\n",
             "p.yaml:4:5: tag '!!python/object/apply:os.system' is not allowed: plans hold plain data only (strings, numbers, booleans, null, lists, mappings)",
         ),
-        (HEAD + "  - !!binary aGk=\n", "p.yaml:4:5: tag '!!binary' is not allowed: plans hold plain data only (strings, numbers, booleans, null, lists, mappings)"),
-        ("version: 1\nname: x\nsteps: []\n", "p.yaml:3:8: steps: expected at least 1 item, found 0"),
-        ("version: 2\nname: x\nsteps: [{id: a, kind: slot_mapping, tokens: [1]}]\n", "p.yaml:1:10: version: expected 1, found 2"),
-        ("name: x\nsteps: [{id: a, kind: slot_mapping, tokens: [1]}]\n", "p.yaml:1:1: (top level): missing required key 'version'"),
-        ("version: 1\nname: Bad Name\nsteps: [{id: a, kind: slot_mapping, tokens: [1]}]\n", "p.yaml:2:7: name: expected an id of lower-case letters, digits, '-', '_' or '.', found 'Bad Name'"),
-        (HEAD + "  - {id: a, kind: slot_mapping, tokens: [{range: [1]}]}\n", "p.yaml:4:50: steps[0].tokens[0].range: expected exactly 2 items, found 1"),
-        (HEAD + "  - {id: a, kind: slot_mapping, tokens: [1], when: {platform: tpu}}\n", "p.yaml:4:63: steps[0].when.platform: expected one of cuda, cpu or a list, found 'tpu'"),
-        (HEAD + "  - {id: a, kind: slot_mapping, tokens: [1], when: {flag: {x: maybe}}}\n", "p.yaml:4:63: steps[0].when.flag.x: expected true or false or 'unset' or a list, found 'maybe'"),
-        (HEAD + "  - {id: a, kind: slot_mapping, tokens: [1], when: {device_capability: nine}}\n", "p.yaml:4:72: steps[0].when.device_capability: expected major.minor such as '9.0', found 'nine'"),
-        (HEAD + "  - {id: a, kind: dummy_run, shape: mixed, tokens: 1, prior_context: lots}\n", "p.yaml:4:70: steps[0].prior_context: expected an integer >= 0 or 'same', found 'lots'"),
+        (
+            HEAD + "  - !!binary aGk=\n",
+            "p.yaml:4:5: tag '!!binary' is not allowed: plans hold plain data only (strings, numbers, booleans, null, lists, mappings)",
+        ),
+        (
+            "version: 1\nname: x\nsteps: []\n",
+            "p.yaml:3:8: steps: expected at least 1 item, found 0",
+        ),
+        (
+            "version: 2\nname: x\nsteps: [{id: a, kind: slot_mapping, tokens: [1]}]\n",
+            "p.yaml:1:10: version: expected 1, found 2",
+        ),
+        (
+            "name: x\nsteps: [{id: a, kind: slot_mapping, tokens: [1]}]\n",
+            "p.yaml:1:1: (top level): missing required key 'version'",
+        ),
+        (
+            "version: 1\nname: Bad Name\nsteps: [{id: a, kind: slot_mapping, tokens: [1]}]\n",
+            "p.yaml:2:7: name: expected an id of lower-case letters, digits, '-', '_' or '.', found 'Bad Name'",
+        ),
+        (
+            HEAD + "  - {id: a, kind: slot_mapping, tokens: [{range: [1]}]}\n",
+            "p.yaml:4:50: steps[0].tokens[0].range: expected exactly 2 items, found 1",
+        ),
+        (
+            HEAD + "  - {id: a, kind: slot_mapping, tokens: [1], when: {platform: tpu}}\n",
+            "p.yaml:4:63: steps[0].when.platform: expected one of cuda, cpu or a list, found 'tpu'",
+        ),
+        (
+            HEAD + "  - {id: a, kind: slot_mapping, tokens: [1], when: {flag: {x: maybe}}}\n",
+            "p.yaml:4:63: steps[0].when.flag.x: expected true or false or 'unset' or a list, found 'maybe'",
+        ),
+        (
+            HEAD
+            + "  - {id: a, kind: slot_mapping, tokens: [1], when: {device_capability: nine}}\n",
+            "p.yaml:4:72: steps[0].when.device_capability: expected major.minor such as '9.0', found 'nine'",
+        ),
+        (
+            HEAD + "  - {id: a, kind: dummy_run, shape: mixed, tokens: 1, prior_context: lots}\n",
+            "p.yaml:4:70: steps[0].prior_context: expected an integer >= 0 or 'same', found 'lots'",
+        ),
         (HEAD + "  - 7\n", "p.yaml:4:5: steps[0]: expected a step mapping, found 7"),
-        (HEAD + "  - {id: a, tokens: [1]}\n", "p.yaml:4:5: steps[0]: missing required key 'kind'; expected one of autotune, dummy_run, slot_mapping"),
+        (
+            HEAD + "  - {id: a, tokens: [1]}\n",
+            "p.yaml:4:5: steps[0]: missing required key 'kind'; expected one of autotune, dummy_run, slot_mapping",
+        ),
     ],
 )
 def test_whole_messages(text: str, expected: str) -> None:
@@ -215,7 +266,9 @@ def test_file_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"version: 1\nname: caf\xe9\n")
     with pytest.raises(PlanError) as info:
         load_plan(bad)
-    assert info.value.problems == [f"{bad}:2: not UTF-8 (byte 0xe9 at offset 20); plans are UTF-8 text"]
+    assert info.value.problems == [
+        f"{bad}:2: not UTF-8 (byte 0xe9 at offset 20); plans are UTF-8 text"
+    ]
 
 
 def test_validate_cli_reports_all_files(write_plan: Callable[..., Path]) -> None:
@@ -225,7 +278,10 @@ def test_validate_cli_reports_all_files(write_plan: Callable[..., Path]) -> None
     empty = write_plan("", "empty.yaml")
     proc = subprocess.run(
         [sys.executable, "-m", "warmplan", "validate", str(good), str(bad), str(empty)],
-        capture_output=True, text=True, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
     )
     assert proc.returncode == 1
     assert proc.stdout == f"ok: {good} (builtin-smoke, 4 steps)\n"
@@ -240,9 +296,24 @@ def test_validate_cli_reports_all_files(write_plan: Callable[..., Path]) -> None
 def test_validate_imports_no_torch() -> None:
     """python -X importtime -m warmplan validate imports no torch."""
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "warmplan", "validate", str(PLANS / "dsv4.yaml")],
-        capture_output=True, text=True, cwd=ROOT, check=True,
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "warmplan",
+            "validate",
+            str(PLANS / "dsv4.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
     )
-    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    imported = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if "|" in line
+    }
     assert "warmplan" in imported
     assert "torch" not in imported and "triton" not in imported

@@ -209,7 +209,7 @@ def run_plan(
             if rstep.id in done:
                 report.steps.append(done[rstep.id])
                 continue
-            report.steps.append(_run_one(index, len(resolved.steps), rstep, worker, monitor, covered, bound, progress))
+            _run_one(index, len(resolved.steps), rstep, worker, monitor, covered, bound, progress, into=report.steps)
     except StepError as exc:
         report.failed = str(exc)
         report.duration_s = time.perf_counter() - started
@@ -252,7 +252,10 @@ def _run_one(
     covered: dict[str, str],
     bound: Any,
     progress: ProgressHook | None,
+    into: list[StepReport],
 ) -> StepReport:
+    """Run one step, appending its entry to ``into`` before it runs (so that a failed
+    step still appears in the partial report)."""
     entry = StepReport(
         id=rstep.id,
         kind=rstep.kind,
@@ -262,6 +265,7 @@ def _run_one(
         shape=rstep.shape,
         prior_context=rstep.prior_context,
     )
+    into.append(entry)
     slog = bound.bind(step=rstep.id, kind=rstep.kind)
     if entry.skipped is None and rstep.id in covered:
         entry.skipped = f"covered by {covered[rstep.id]}, which ran this shape"
@@ -335,8 +339,9 @@ def _share_compile_caches(
         leading.append((index, rstep))
 
     def leader_work() -> None:
+        ran: list[StepReport] = []
         for index, rstep in leading:
-            done[rstep.id] = _run_one(index, len(resolved.steps), rstep, worker, monitor, covered, bound, progress)
+            done[rstep.id] = _run_one(index, len(resolved.steps), rstep, worker, monitor, covered, bound, progress, into=ran)
 
     outcome = share_compile_caches(worker.world, leader_work=leader_work, timeout_s=plan.compile_cache.timeout_s, log=bound)
     return {"role": outcome.role, "bytes": outcome.bytes, "seconds": round(outcome.seconds, 6)}

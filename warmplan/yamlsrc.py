@@ -52,37 +52,65 @@ class YamlError(Exception):
 
 @dataclass(slots=True)
 class Located:
-    """Plain data plus the position of every value and every mapping key."""
+    """Plain data plus the YAML node tree it was built from, for positions.
+
+    Positions are looked up only when a problem is reported, by walking the node
+    tree along the path, so that loading a valid plan records nothing extra.
+    """
 
     data: Any
-    values: dict[Path, Mark]
-    keys: dict[Path, Mark]
+    root: yaml.Node
+
+    def _walk(self, path: Path) -> tuple[yaml.Node, yaml.Node | None]:
+        """The deepest node along ``path`` and, if it is a mapping value, its key node."""
+        node, key_node = self.root, None
+        for part in path:
+            if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+                for k, v in node.value:
+                    if isinstance(k, yaml.ScalarNode) and k.value == part:
+                        node, key_node = v, k
+                        break
+                else:
+                    return node, None
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+                node, key_node = node.value[part], None
+            else:
+                return node, None
+        return node, key_node
 
     def mark(self, path: Path) -> Mark | None:
         """The position of the value at ``path``, or of its nearest ancestor."""
-        for cut in range(len(path), -1, -1):
-            found = self.values.get(path[:cut])
-            if found is not None:
-                return found
-        return None
+        return _mark(self._walk(path)[0])
 
     def key_mark(self, path: Path) -> Mark | None:
         """The position of the key that holds ``path`` (falls back to the value)."""
-        return self.keys.get(path) or self.mark(path)
+        node, key = self._walk(path)
+        return _mark(key if key is not None else node)
 
 
 def _mark(node: yaml.Node) -> Mark:
     return Mark(node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+# libyaml when PyYAML was built with it (composition in C is ~10x faster).
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class _Builder:
     def __init__(self) -> None:
-        self.values: dict[Path, Mark] = {}
-        self.keys: dict[Path, Mark] = {}
         self.nodes = 0
-        self.scalars = yaml.SafeLoader("")
+        c = yaml.constructor.SafeConstructor()
+        # Direct scalar constructors by resolved tag: the same rules as safe_load, without
+        # its per-node bookkeeping.
+        self.scalar = {
+            "tag:yaml.org,2002:str": c.construct_yaml_str,
+            "tag:yaml.org,2002:int": c.construct_yaml_int,
+            "tag:yaml.org,2002:float": c.construct_yaml_float,
+            "tag:yaml.org,2002:bool": c.construct_yaml_bool,
+            "tag:yaml.org,2002:null": c.construct_yaml_null,
+        }
 
-    def build(self, node: yaml.Node, path: Path) -> Any:
+    def build(self, node: yaml.Node, depth: int) -> Any:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise YamlError(
@@ -90,7 +118,7 @@ class _Builder:
                 "(aliases referring to aliases?); plans must be small and explicit",
                 _mark(node),
             )
-        if len(path) > MAX_DEPTH:
+        if depth > MAX_DEPTH:
             raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", _mark(node))
         if node.tag not in _STANDARD_TAGS:
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
@@ -99,34 +127,33 @@ class _Builder:
                 "(strings, numbers, booleans, null, lists, mappings)",
                 _mark(node),
             )
-        self.values.setdefault(path, _mark(node))
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
-            first: dict[Any, Mark] = {}
+            first: dict[str, yaml.Node] = {}
             for key_node, value_node in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     raise YamlError("merge keys ('<<') are not supported in plans", _mark(key_node))
-                key = self.build(key_node, (*path, "<key>"))
+                key = self.build(key_node, depth + 1)
                 if not isinstance(key, str):
                     raise YamlError(
                         f"mapping keys must be strings, found {key!r}", _mark(key_node)
                     )
                 if key in first:
                     raise YamlError(
-                        f"duplicate key {key!r} (first at line {first[key].line})",
+                        f"duplicate key {key!r} (first at line {_mark(first[key]).line})",
                         _mark(key_node),
                     )
-                first[key] = _mark(key_node)
-                self.keys[(*path, key)] = _mark(key_node)
-                out[key] = self.build(value_node, (*path, key))
-            self.values.pop((*path, "<key>"), None)
+                first[key] = key_node
+                out[key] = self.build(value_node, depth + 1)
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
-        return self.scalars.construct_object(node, deep=True)
+            return [self.build(item, depth + 1) for item in node.value]
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar[node.tag](node)
+        raise YamlError(f"unexpected YAML node {type(node).__name__}", _mark(node))
 
 
-def _documents(loader: yaml.SafeLoader) -> Iterator[yaml.Node]:
+def _documents(loader: Any) -> Iterator[yaml.Node]:
     while loader.check_node():
         node = loader.get_node()
         if node is not None:
@@ -135,7 +162,7 @@ def _documents(loader: yaml.SafeLoader) -> Iterator[yaml.Node]:
 
 def load_located(text: str) -> Located:
     """Parse one YAML document; raise ``YamlError`` with a position on any problem."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         docs = list(_documents(loader))
     except yaml.MarkedYAMLError as exc:
@@ -151,6 +178,5 @@ def load_located(text: str) -> Located:
         raise YamlError("the file is empty; expected a plan mapping", Mark(1, 1))
     if len(docs) > 1:
         raise YamlError("expected one YAML document, found several ('---')", _mark(docs[1]))
-    builder = _Builder()
-    data = builder.build(docs[0], ())
-    return Located(data=data, values=builder.values, keys=builder.keys)
+    data = _Builder().build(docs[0], 0)
+    return Located(data=data, root=docs[0])

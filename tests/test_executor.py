@@ -1,0 +1,150 @@
+"""The executor on the recording worker: order, clamping, skips, state, report."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from tests._paths import PLANS
+from warmplan.errors import StepError
+from warmplan.executor import run_plan
+from warmplan.plan import load_plan, parse_plan
+from warmplan.testing import Call, RecordingWorker, run_plan_text
+
+DSV4 = load_plan(PLANS / "dsv4.yaml")
+NO_FI = {"enable_flashinfer_autotune": False}
+
+
+def test_dsv4_calls_in_order() -> None:
+    """dsv4 on a Hopper-like worker: the slot-mapping fan, then the three sparse-MLA shapes."""
+    worker = RecordingWorker(max_num_tokens=8192, max_num_batched_tokens=2048, flags=NO_FI)
+    run_plan(DSV4, worker)
+    assert worker.calls_named() == [
+        *[Call("slot_mapping", {"num_tokens": n}) for n in [*range(1, 17), 32, 64, 128, 256, 512]],
+        Call(
+            "dummy_run",
+            {"shape": "mixed", "num_tokens": 16, "prior_context": 0, "force_attention": True},
+        ),
+        Call(
+            "dummy_run",
+            {
+                "shape": "single_prefill",
+                "num_tokens": 2048,
+                "prior_context": 0,
+                "force_attention": True,
+            },
+        ),
+        Call(
+            "dummy_run",
+            {
+                "shape": "single_prefill",
+                "num_tokens": 2048,
+                "prior_context": 2048,
+                "force_attention": True,
+            },
+        ),
+    ]
+
+
+def test_clamped_duplicates_run_once() -> None:
+    """With max_num_tokens 8 the slot mapping at 8 runs once, not fourteen times."""
+    worker = RecordingWorker(max_num_tokens=8, max_num_batched_tokens=16, flags=NO_FI)
+    report = run_plan(DSV4, worker)
+    assert [c.args["num_tokens"] for c in worker.calls_named("slot_mapping")] == list(range(1, 9))
+    step = report.step("slot-mapping")
+    assert step.requested == [*range(1, 17), 32, 64, 128, 256, 512] and step.applied == list(
+        range(1, 9)
+    )
+
+
+def test_synchronize_after_each_step() -> None:
+    """The worker is synchronised once after every step that ran."""
+    worker = run_plan_text(
+        "version: 1\nname: t\nsteps:\n  - {id: a, kind: slot_mapping, tokens: [1, 2]}\n  - {id: b, kind: dummy_run, shape: plain, tokens: 4}\n"
+    )
+    assert [c.name for c in worker.calls] == [
+        "slot_mapping",
+        "slot_mapping",
+        "synchronize",
+        "dummy_run",
+        "synchronize",
+    ]
+
+
+def test_skips_are_reported_with_reasons() -> None:
+    """On a CPU the cuda-only steps are skipped with their reasons and the rest run."""
+    worker = RecordingWorker(platform="cpu", max_num_batched_tokens=512)
+    report = run_plan(DSV4, worker)
+    skipped = {s.id: s.skipped for s in report.steps if s.skipped}
+    assert skipped == {
+        "slot-mapping": "gate platform: needs cuda, worker is cpu",
+        "sparse-mla-decode-autotune": "gate device_capability_family: needs 120, worker has no CUDA capability (cpu)",
+        "flashinfer-autotune": "gate device_capability: needs >= 9.0, worker has no CUDA capability (cpu)",
+    }
+    assert [c.args["num_tokens"] for c in worker.calls_named("dummy_run")] == [16, 512, 512]
+
+
+@pytest.mark.parametrize(("method", "step_id"), [("slot_mapping", "fan"), ("dummy_run", "run2")])
+def test_buffers_restored_when_a_step_fails(method: str, step_id: str) -> None:
+    """A failing step leaves every runner buffer as it found it, and the error names the step."""
+    worker = RecordingWorker(fail_on={method: 2})
+    worker.buffers = {
+        "positions": list(range(16, 32)),
+        "query_start_loc": [3, 9],
+        "slot_mapping": [7] * 16,
+    }
+    before = copy.deepcopy(worker.buffers)
+    plan = parse_plan(
+        "version: 1\nname: t\nsteps:\n  - {id: fan, kind: slot_mapping, tokens: [1, 2, 3]}\n"
+        "  - {id: run, kind: dummy_run, shape: mixed, tokens: 16}\n  - {id: run2, kind: dummy_run, shape: plain, tokens: 32}\n"
+    )
+    with pytest.raises(StepError) as info:
+        run_plan(plan, worker)
+    assert (
+        str(info.value) == f"step {step_id!r}: InjectedFailure: injected failure in {method} call 2"
+    )
+    assert worker.buffers == before
+    partial = info.value.report  # type: ignore[attr-defined]
+    assert partial.failed == str(info.value)
+    assert partial.steps[-1].id == step_id and partial.steps[-1].error
+
+
+def test_buffers_restored_after_success() -> None:
+    """Steps that ran leave the buffers as they were before the plan."""
+    worker = RecordingWorker(flags=NO_FI)
+    before = copy.deepcopy(worker.buffers)
+    run_plan(DSV4, worker)
+    assert worker.buffers == before
+
+
+def test_report_fields(tmp_path: Path) -> None:
+    """The report carries plan, worker, per-step fields and totals (docs/report.md)."""
+    worker = RecordingWorker(max_num_tokens=8, flags=NO_FI)
+    report = run_plan(DSV4, worker)
+    out = tmp_path / "r.json"
+    report.write(out)
+    data = json.loads(out.read_text())
+    assert set(data) == {"report_version", "plan", "worker", "steps", "totals", "failed"}
+    assert data["plan"] == {"name": "dsv4", "path": str(PLANS / "dsv4.yaml"), "sha256": DSV4.sha256}
+    assert {"engine", "device", "versions", "rank", "local_rank", "world_size"} <= set(
+        data["worker"]
+    )
+    assert data["worker"]["world_size"] == 1 and data["worker"]["rank"] == 0
+    first = data["steps"][0]
+    assert {
+        "id",
+        "kind",
+        "requested",
+        "applied",
+        "skipped",
+        "duration_s",
+        "compiles",
+        "autotune",
+    } <= set(first)
+    assert first["applied"] == list(range(1, 9))
+    assert set(data["totals"]) >= {"duration_s", "compiles"}
+    assert data["failed"] is None
+    assert not list(tmp_path.glob(".*tmp"))

@@ -1,0 +1,124 @@
+"""Suggested plan steps for the compilations of a replay."""
+
+from __future__ import annotations
+
+import yaml
+
+from warmplan.monitor import CompileEvent
+from warmplan.plan import parse_plan
+from warmplan.suggest import padding_of, render_yaml, shape_of, suggest
+from warmplan.workers.base import Batch, PrefillChunk
+
+
+def _event(index: int | None, *, cache_hit: bool = False, kind: str = "dynamo") -> CompileEvent:
+    return CompileEvent(
+        kind=kind,  # type: ignore[arg-type]
+        name="forward",
+        key="x=float32[8]",
+        label=None if index is None else f"batch[{index}]",
+        cache_hit=cache_hit,
+        duration_s=0.5,
+    )
+
+
+def _pad(n: int) -> int:
+    for size in (1, 16, 64):
+        if n <= size:
+            return size
+    return n
+
+
+BATCHES = [
+    Batch(decode=7),
+    Batch(decode=3, prefill=(PrefillChunk(45),)),
+    Batch(prefill=(PrefillChunk(128, 1024),)),
+    Batch(decode=2, prefill=(PrefillChunk(10), PrefillChunk(20))),
+    Batch(prefill=(PrefillChunk(300),)),
+]
+
+
+def test_shape_of_each_batch_kind() -> None:
+    """decodes only, one chunk, decodes + a chunk, anything else."""
+    assert [shape_of(b) for b in BATCHES] == [
+        ("uniform_decode", 0),
+        ("mixed", 0),
+        ("single_prefill", 1024),
+        ("plain", 0),
+        ("single_prefill", 0),
+    ]
+
+
+def test_one_slot_mapping_step_and_one_dummy_run_per_shape() -> None:
+    """Each hit batch adds its token count to the slot mapping and a dummy_run of its shape."""
+    steps = [s.to_step() for s in suggest([_event(i) for i in range(5)], BATCHES)]
+    assert steps[0] == {
+        "id": "suggested-slot-mapping",
+        "kind": "slot_mapping",
+        "tokens": [7, 32, 48, 128, 300],
+        "description": "Suggested by warmplan verify: covers trace batches 0, 1, 2, 3, 4.",
+    }
+    assert [(s["id"], s["shape"], s["tokens"], s.get("prior_context")) for s in steps[1:]] == [
+        ("suggested-mixed-48", "mixed", 48, None),
+        ("suggested-single-prefill-128-ctx-1024", "single_prefill", 128, 1024),
+        ("suggested-single-prefill-300", "single_prefill", 300, None),
+        ("suggested-uniform-decode-7", "uniform_decode", 7, None),
+        ("suggested-plain-32", "plain", 32, None),
+    ]
+    assert all(s["force_attention"] is True for s in steps[1:])
+
+
+def test_duplicates_merge_and_list_every_batch() -> None:
+    """Two batches of one shape and size give one step naming both."""
+    batches = [Batch(decode=5), Batch(decode=9), Batch(decode=5)]
+    out = suggest([_event(0), _event(0), _event(2), _event(1)], batches)
+    assert [(s.id, s.batches) for s in out] == [
+        ("suggested-slot-mapping", (0, 1, 2)),
+        ("suggested-uniform-decode-5", (0, 2)),
+        ("suggested-uniform-decode-9", (1,)),
+    ]
+
+
+def test_padding_applies_to_dummy_runs_not_slot_mapping() -> None:
+    """The forward runs at the padded size; the Triton slot mapping at the real count."""
+    out = suggest([_event(0), _event(1)], BATCHES, padded_num_tokens=_pad)
+    assert out[0].tokens == (7, 48)
+    assert [(s.id, s.tokens) for s in out[1:]] == [
+        ("suggested-mixed-64", 64),
+        ("suggested-uniform-decode-16", 16),
+    ]
+
+
+def test_padding_of_reads_the_worker_method() -> None:
+    """padding_of finds padded_num_tokens on a worker, None when it has none."""
+
+    class Padded:
+        def padded_num_tokens(self, n: int) -> int:
+            return _pad(n)
+
+    pad = padding_of(Padded())
+    assert pad is not None
+    assert pad(17) == 64
+    assert padding_of(object()) is None
+
+
+def test_cache_loads_and_foreign_labels() -> None:
+    """Disk loads count unless excluded; labels that are not batch[N] are ignored."""
+    events = [_event(0, cache_hit=True), _event(None), _event(99)]
+    assert [s.id for s in suggest(events, BATCHES)] == [
+        "suggested-slot-mapping",
+        "suggested-uniform-decode-7",
+    ]
+    assert suggest(events, BATCHES, include_cache_loads=False) == []
+    assert render_yaml([]) == ""
+
+
+def test_rendered_yaml_is_a_valid_plan_step_list() -> None:
+    """The YAML pastes under steps: of a plan that the plan loader accepts."""
+    text = render_yaml(suggest([_event(i) for i in range(5)], BATCHES, padded_num_tokens=_pad))
+    assert text.startswith("# Steps that would have covered")
+    assert "  tokens: [7, 32, 48, 128, 300]\n" in text
+    plan_text = "version: 1\nname: pasted\nsteps:\n" + "".join(
+        f"  {line}\n" if line else "\n" for line in text.splitlines()
+    )
+    plan = parse_plan(plan_text, file="pasted.yaml")
+    assert [s.id for s in plan.steps] == [s["id"] for s in yaml.safe_load(text)]
