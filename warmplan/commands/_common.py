@@ -49,8 +49,6 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
     """Build the worker the command runs on (the built-in engine)."""
     config = {**plan.builtin, **read_model_config(getattr(args, "model_config", None))}
     device = getattr(args, "device", "auto")
-    if device == "auto":
-        config.pop("device", None)
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -61,14 +59,20 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
     from warmplan.dist import current_world
-    from warmplan.workers.builtin import build_worker
+    from warmplan.workers.builtin import BuiltinWorker, EngineConfig
 
+    if device != "auto":
+        config["device"] = device
+    try:
+        engine_config = EngineConfig.from_mapping(config)
+    except (ValueError, TypeError, KeyError) as exc:
+        source = "the plan's builtin block" + (f" and {args.model_config}" if getattr(args, "model_config", None) else "")
+        raise UserError(f"{plan.path}: builtin: {exc} (from {source})") from None
     world = current_world()
     try:
-        return build_worker(config, device=device, world=world)
-    except (ValueError, TypeError, KeyError) as exc:
-        source = "plan builtin block" + (f" / {args.model_config}" if getattr(args, "model_config", None) else "")
-        raise UserError(f"{plan.path}: builtin: {exc} (from the {source})") from None
+        return BuiltinWorker(engine_config, world=world)
+    except ValueError as exc:
+        raise UserError(f"{plan.path}: builtin: the engine cannot be built: {exc}") from None
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
