@@ -1,0 +1,95 @@
+"""The command line: plan, schema, log formats, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests._paths import PLANS, ROOT
+from warmplan.cli import main
+from warmplan.schema import schema_text
+
+DSV4 = str(PLANS / "dsv4.yaml")
+
+
+def test_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """warmplan plan --json gives steps with requested/applied tokens, skips and cache paths."""
+    code = main([
+        "plan", DSV4, "--max-num-tokens", "8", "--max-num-batched-tokens", "2048",
+        "--attention-backend", "V4_FLASHMLA_SPARSE", "--device-capability", "12.0",
+        "--flag", "enable_flashinfer_autotune=true", "--cache-root", "/c", "--json",
+    ])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    steps = {s["id"]: s for s in out["steps"]}
+    assert steps["slot-mapping"]["requested_tokens"][-1] == 512
+    assert steps["slot-mapping"]["applied_tokens"] == list(range(1, 9))
+    assert steps["sparse-mla-second-chunk"]["applied_tokens"] == [2048]
+    assert steps["sparse-mla-second-chunk"]["prior_context"] == 2048
+    assert steps["sparse-mla-mixed"]["replaced_by"] == "sparse-mla-decode-autotune"
+    # No worker here, so the backend version is unknown.
+    assert steps["flashinfer-autotune"]["cache_path"] == f"/c/autotune/flashinfer/unknown/sm120/{steps['flashinfer-autotune']['config_hash']}.json"
+    assert all(s["skipped"] is None for s in out["steps"])
+
+
+def test_plan_table_shows_skips(capsys: pytest.CaptureFixture[str]) -> None:
+    """The table names every step and why it is skipped."""
+    assert main(["plan", DSV4, "--max-num-tokens", "8", "--max-num-batched-tokens", "16", "--platform", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "slot-mapping" in out and "gate platform: needs cuda, worker is cpu" in out
+    assert "gate attention_backend" in out
+
+
+def test_plan_env_option_turns_warmup_off(capsys: pytest.CaptureFixture[str]) -> None:
+    """--env sets what the env gates read."""
+    main(["plan", DSV4, "--max-num-tokens", "8", "--max-num-batched-tokens", "16", "--attention-backend", "DEEPSEEK_SPARSE_SWA",
+          "--env", "VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP=0", "--json"])
+    steps = json.loads(capsys.readouterr().out)["steps"]
+    assert steps[0]["skipped"] == "gate env: VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP='0' is false"
+
+
+def test_bad_plan_exit_1_no_traceback(write_plan: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad plan given to plan exits 1 with the file:line message only."""
+    bad = write_plan("version: 1\nname: x\nsteps: [{id: a, kind: slot_mapping}]\n")
+    assert main(["plan", str(bad), "--max-num-tokens", "8", "--max-num-batched-tokens", "8"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"{bad}:3:9: steps[0]: missing required key 'tokens'\n"
+
+
+def test_bad_flag_value(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unsatisfiable option is a user error, exit 1."""
+    assert main(["plan", DSV4, "--max-num-tokens", "8", "--max-num-batched-tokens", "8", "--flag", "x=maybe"]) == 1
+    assert capsys.readouterr().err == "warmplan: error: --flag x=maybe: expected true or false\n"
+
+
+def test_schema_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """warmplan schema prints the path and the schema; --write writes it."""
+    assert main(["schema"]) == 0
+    out = capsys.readouterr().out
+    first, rest = out.split("\n", 1)
+    assert first == f"# {ROOT / 'schemas' / 'plan.schema.json'}"
+    assert rest == schema_text()
+    assert main(["schema", "--write", str(tmp_path / "s.json")]) == 0
+    assert (tmp_path / "s.json").read_text() == schema_text()
+
+
+def test_json_logs(capsys: pytest.CaptureFixture[str], write_plan: Callable[..., Path]) -> None:
+    """With --log-format json every log line is one JSON object."""
+    from warmplan.executor import run_plan
+    from warmplan.log import configure
+    from warmplan.plan import load_plan
+    from warmplan.testing import RecordingWorker
+
+    configure("json")
+    try:
+        run_plan(load_plan(write_plan("version: 1\nname: t\nsteps: [{id: a, kind: slot_mapping, tokens: [1, 9]}]\n")), RecordingWorker(max_num_tokens=4))
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    finally:
+        configure("console")
+    events = [e["event"] for e in lines]
+    assert events == ["plan.start", "step.start", "step.done", "plan.done"]
+    start = lines[1]
+    assert start["step"] == "a" and start["requested"] == [1, 9] and start["applied"] == [1, 4] and start["clamped"] == {"9": 4}
