@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from warmplan.workers.builtin.config import config_json_schema
+
 SCHEMA_ID = "https://warmplan.dev/schemas/plan.schema.json"
 
 STEP_KINDS = ("autotune", "dummy_run", "slot_mapping")
@@ -256,40 +258,11 @@ STEP_SCHEMAS: dict[str, dict[str, Any]] = {
     "slot_mapping": SLOT_MAPPING_STEP,
 }
 
-_INT = {"type": "integer", "minimum": 1}
-
-BUILTIN_FIELDS: dict[str, dict[str, Any]] = {
-    "preset": {"enum": ["dense", "sparse-mla"], "description": "Model preset: dense (grouped-query attention) or sparse-mla (DeepSeek-V3.2/V4-style)."},
-    "num_layers": {**_INT, "description": "Decoder layers."},
-    "hidden_size": {**_INT, "description": "Hidden size."},
-    "num_heads": {**_INT, "description": "Query heads."},
-    "num_kv_heads": {**_INT, "description": "KV heads (dense preset)."},
-    "head_dim": {**_INT, "description": "Head dimension."},
-    "intermediate_size": {**_INT, "description": "MLP intermediate size."},
-    "vocab_size": {**_INT, "description": "Vocabulary size."},
-    "dtype": {"enum": ["float32", "bfloat16", "float16", "auto"], "description": "Weights and activations dtype (auto: float32 on CPU, bfloat16 on CUDA)."},
-    "device": {"enum": ["auto", "cpu", "cuda"], "description": "Device (auto: cuda when available)."},
-    "block_size": {**_INT, "description": "KV-cache block size in tokens."},
-    "num_blocks": {**_INT, "description": "KV-cache blocks in the pool."},
-    "max_num_tokens": {**_INT, "description": "Limit: tokens in one forward pass."},
-    "max_num_batched_tokens": {**_INT, "description": "Limit: tokens the scheduler batches."},
-    "max_num_seqs": {**_INT, "description": "Limit: sequences in one batch."},
-    "max_model_len": {**_INT, "description": "Longest sequence (context plus new tokens)."},
-    "compile_sizes": {
-        "type": "array",
-        "items": {**_INT, "description": "A compile size."},
-        "uniqueItems": True,
-        "description": "Token counts with a static-shape compiled graph; batches are padded up to the next one, larger ones run one dynamic graph.",
-    },
-    "seed": {"type": "integer", "minimum": 0, "description": "Seed the weights are drawn from."},
-    "kv_lora_rank": {**_INT, "description": "sparse-mla: width of the compressed latent KV."},
-    "qk_rope_head_dim": {**_INT, "description": "sparse-mla: rotary part of each query/key head."},
-    "index_topk": {**_INT, "description": "sparse-mla: cached tokens the indexer keeps per query."},
-    "index_head_dim": {**_INT, "description": "sparse-mla: indexer head dimension."},
-    "index_num_heads": {**_INT, "description": "sparse-mla: indexer heads."},
+# The built-in engine owns its config keys (warmplan/workers/builtin/config.py).
+BUILTIN: dict[str, Any] = {
+    **config_json_schema(),
+    "description": "The built-in engine's model preset and sizes when the plan runs there; ignored on other workers.",
 }
-
-BUILTIN = _obj(BUILTIN_FIELDS, description="The built-in engine's model preset and sizes when the plan runs there; ignored on other workers.")
 
 COMPILE_CACHE = _obj(
     {

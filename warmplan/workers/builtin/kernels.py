@@ -1,0 +1,262 @@
+"""The engine's metadata kernels: slot mapping and prefill-chunk metadata.
+
+On CUDA these are Triton kernels; elsewhere they are torch functions run through
+``torch.compile`` (inductor's C++ backend). Both specialise the way warmup must know
+about:
+
+* slot mapping - Triton specialises every plain int argument into one variant for
+  ``== 1``, one for ``% 16 == 0`` and one for the rest (plus per 16-byte pointer
+  alignment). ``num_tokens`` is passed as such a plain int, as vLLM's
+  ``_compute_slot_mapping_kernel`` does, so a plan's fan of token counts decides
+  which variants exist before serving. On CPU inductor has no such rule, so the
+  dispatch reproduces it: one static graph for a single token and one
+  dynamic-shape graph each for the ``% 16 == 0`` and the other counts. After 1, 16
+  and 17 tokens nothing new compiles on CPU; more sizes in a fan are cheap no-ops
+  there (on CUDA they are not: alignment classes differ too).
+* prefill-chunk metadata - ``HAS_PRIOR_CONTEXT`` is a ``tl.constexpr`` (a static
+  bool on CPU) chosen per call, as in vLLM's ``_build_prefill_chunk_metadata_kernel``:
+  a second chunk (context already cached) is a separate compiled variant.
+
+Triton is imported only when CUDA is available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+TRITON_IMPORT_ERROR: str | None
+try:
+    if not torch.cuda.is_available():
+        raise ImportError("CUDA is not available")
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR = None
+except ImportError as exc:  # CPU machines, or no triton installed
+    triton = None
+    tl = None
+    TRITON_IMPORT_ERROR = str(exc)
+
+
+def size_class(num_tokens: int) -> str:
+    """Triton's specialisation class of an int argument: ``one``, ``div16`` or ``other``."""
+    if num_tokens == 1:
+        return "one"
+    return "div16" if num_tokens % 16 == 0 else "other"
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# ---------------------------------------------------------------- torch versions
+
+
+def slot_mapping_torch(
+    block_table: torch.Tensor, req_idx: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """``slot = block_table[req, pos // block_size] * block_size + pos % block_size``."""
+    blocks = block_table[req_idx, torch.div(positions, block_size, rounding_mode="floor")]
+    return blocks * block_size + torch.remainder(positions, block_size)
+
+
+def chunk_metadata_torch(
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    kv_start: torch.Tensor,
+    num_tokens: int,
+    req_offset: int,
+    has_prior_context: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per prefill token: (position, request index, first and last visible kv index)."""
+    tokens = torch.arange(num_tokens, device=query_start_loc.device, dtype=torch.int64)
+    chunk = torch.searchsorted(query_start_loc[1:], tokens, right=True)
+    positions = tokens - query_start_loc[chunk]
+    if has_prior_context:
+        positions = positions + context_lens[chunk]
+    lo = kv_start[chunk]
+    return positions, chunk + req_offset, lo, lo + positions
+
+
+# Three top-level functions, three code objects: dynamo keeps its compile cache per
+# code object, so each class gets its own graph(s) rather than sharing guards.
+def _slot_mapping_one(
+    bt: torch.Tensor, req: torch.Tensor, pos: torch.Tensor, bs: int
+) -> torch.Tensor:
+    return slot_mapping_torch(bt, req, pos, bs)
+
+
+def _slot_mapping_div16(
+    bt: torch.Tensor, req: torch.Tensor, pos: torch.Tensor, bs: int
+) -> torch.Tensor:
+    return slot_mapping_torch(bt, req, pos, bs)
+
+
+def _slot_mapping_other(
+    bt: torch.Tensor, req: torch.Tensor, pos: torch.Tensor, bs: int
+) -> torch.Tensor:
+    return slot_mapping_torch(bt, req, pos, bs)
+
+
+# ---------------------------------------------------------------- Triton versions
+
+if triton is not None:
+    _SLOT_CONFIGS = [
+        triton.Config({"BLOCK": 64}, num_warps=1),
+        triton.Config({"BLOCK": 128}, num_warps=2),
+        triton.Config({"BLOCK": 256}, num_warps=4),
+        triton.Config({"BLOCK": 1024}, num_warps=4),
+    ]
+
+    # num_tokens stays a plain int (not constexpr, not do_not_specialize): Triton's
+    # ==1 / %16 specialisation is what the warmup fan exists for. size_bucket only
+    # keys the autotuner; it is excluded from specialisation so it adds no variants.
+    @triton.autotune(configs=_SLOT_CONFIGS, key=["size_bucket"])  # type: ignore[untyped-decorator]
+    @triton.jit(do_not_specialize=["size_bucket"])  # type: ignore[untyped-decorator]
+    def _slot_mapping_kernel(  # type: ignore[no-untyped-def]  # Triton signatures are untyped
+        bt_ptr,
+        req_ptr,
+        pos_ptr,
+        out_ptr,
+        num_tokens,
+        bt_stride,
+        size_bucket,
+        block_size: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < num_tokens
+        req = tl.load(req_ptr + offs, mask=mask, other=0)
+        pos = tl.load(pos_ptr + offs, mask=mask, other=0)
+        blk = tl.load(bt_ptr + req * bt_stride + pos // block_size, mask=mask, other=0)
+        tl.store(out_ptr + offs, blk * block_size + pos % block_size, mask=mask)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _chunk_metadata_kernel(  # type: ignore[no-untyped-def]  # Triton signatures are untyped
+        qsl_ptr,
+        ctx_ptr,
+        kvs_ptr,
+        pos_out,
+        req_out,
+        lo_out,
+        hi_out,
+        req_offset,
+        HAS_PRIOR_CONTEXT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        c = tl.program_id(0)
+        start = tl.load(qsl_ptr + c)
+        end = tl.load(qsl_ptr + c + 1)
+        kv0 = tl.load(kvs_ptr + c)
+        for off in range(start, end, BLOCK):
+            t = off + tl.arange(0, BLOCK)
+            mask = t < end
+            pos = t - start
+            if HAS_PRIOR_CONTEXT:
+                pos += tl.load(ctx_ptr + c)
+            tl.store(pos_out + t, pos, mask=mask)
+            tl.store(req_out + t, (t * 0 + c + req_offset).to(tl.int64), mask=mask)
+            tl.store(lo_out + t, (t * 0 + kv0).to(tl.int64), mask=mask)
+            tl.store(hi_out + t, kv0 + pos, mask=mask)
+
+
+def triton_autotuners() -> dict[str, Any]:
+    """The engine's ``triton.autotune`` kernels by name (empty without Triton)."""
+    if triton is None:
+        return {}
+    return {"slot_mapping": _slot_mapping_kernel}
+
+
+class Kernels:
+    """The metadata kernels of one engine: Triton on CUDA, compiled torch elsewhere.
+
+    ``compiled=False`` runs the plain torch functions eagerly (tests of numerics).
+    """
+
+    def __init__(self, device: torch.device, *, compiled: bool = True) -> None:
+        self.use_triton = device.type == "cuda" and triton is not None
+        self.compiled = compiled
+        self._slot: dict[str, Callable[..., torch.Tensor]] = {}
+        self._meta: Callable[..., Any] = chunk_metadata_torch
+        if compiled and not self.use_triton:
+            self._slot = {
+                "one": torch.compile(_slot_mapping_one, dynamic=False),
+                "div16": torch.compile(_slot_mapping_div16, dynamic=True),
+                "other": torch.compile(_slot_mapping_other, dynamic=True),
+            }
+            self._meta = torch.compile(chunk_metadata_torch, dynamic=True)
+
+    def slot_mapping(
+        self,
+        block_table: torch.Tensor,
+        req_idx: torch.Tensor,
+        positions: torch.Tensor,
+        out: torch.Tensor,
+        block_size: int,
+    ) -> None:
+        """Write the slots of ``positions.numel()`` tokens into ``out[:num_tokens]``."""
+        num_tokens = positions.numel()
+        if num_tokens == 0:
+            return
+        if self.use_triton:
+            grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK"]),)  # noqa: E731
+            _slot_mapping_kernel[grid](
+                block_table,
+                req_idx,
+                positions,
+                out,
+                num_tokens,
+                block_table.stride(0),
+                next_power_of_two(num_tokens),
+                block_size=block_size,
+            )
+            return
+        fn = self._slot.get(size_class(num_tokens), slot_mapping_torch)
+        out[:num_tokens].copy_(fn(block_table, req_idx, positions, block_size))
+
+    def chunk_metadata(
+        self,
+        query_start_loc: torch.Tensor,
+        context_lens: torch.Tensor,
+        kv_start: torch.Tensor,
+        num_tokens: int,
+        req_offset: int,
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> bool:
+        """Fill (positions, req_idx, kv_lo, kv_hi) of ``num_tokens`` prefill tokens.
+
+        Returns the ``HAS_PRIOR_CONTEXT`` variant used: whether any chunk has context.
+        """
+        has_prior = bool((context_lens > 0).any().item())
+        if num_tokens == 0:
+            return has_prior
+        if self.use_triton:
+            pos, req, lo, hi = out
+            _chunk_metadata_kernel[(context_lens.numel(),)](
+                query_start_loc,
+                context_lens,
+                kv_start,
+                pos,
+                req,
+                lo,
+                hi,
+                req_offset,
+                HAS_PRIOR_CONTEXT=has_prior,
+                BLOCK=128,
+            )
+            return has_prior
+        # Fresh tensors: slices of the step buffers would add storage-offset guards.
+        results = self._meta(
+            query_start_loc.clone(),
+            context_lens.clone(),
+            kv_start.clone(),
+            num_tokens,
+            req_offset,
+            has_prior,
+        )
+        for dst, src in zip(out, results, strict=True):
+            dst[:num_tokens].copy_(src)
+        return has_prior

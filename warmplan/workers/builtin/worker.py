@@ -1,0 +1,150 @@
+"""BuiltinWorker: the Worker (and ServingWorker) protocol over the built-in engine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from warmplan.workers.base import (
+    SHAPES,
+    AutotuneBackend,
+    Batch,
+    Facts,
+    Limits,
+    Shape,
+    WorkerInfo,
+)
+from warmplan.workers.builtin.autotune import BuiltinAutotuneBackend, TritonAutotuneBackend
+from warmplan.workers.builtin.config import EngineConfig
+from warmplan.workers.builtin.runner import ModelRunner
+
+if TYPE_CHECKING:
+    from warmplan.dist import World
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:  # a broken optional install is reported as absent
+        return None
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+class BuiltinWorker:
+    """The reference paged-KV engine as a warmplan worker.
+
+    ``compile=False`` runs the forward and the metadata kernels eagerly (same code,
+    no ``torch.compile``), for numerics tests.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig | Mapping[str, Any] | None = None,
+        *,
+        world: World | None = None,
+        compile: bool = True,
+    ) -> None:
+        if not isinstance(config, EngineConfig):
+            config = EngineConfig.from_mapping(config)
+        self.config = config
+        self.runner = ModelRunner(config, compile=compile)
+        if world is None:
+            from warmplan.dist import LocalWorld
+
+            world = LocalWorld()
+        self._world: World = world
+        self._backends: dict[str, AutotuneBackend] = {
+            "builtin": BuiltinAutotuneBackend(self.runner),
+            "triton": TritonAutotuneBackend(self.runner),
+        }
+
+    @property
+    def limits(self) -> Limits:
+        c = self.config
+        return Limits(
+            max_num_tokens=c.max_num_tokens,
+            max_num_batched_tokens=c.max_num_batched_tokens,
+            max_num_seqs=c.max_num_seqs,
+        )
+
+    @property
+    def facts(self) -> Facts:
+        device = self.runner.device
+        capability = None
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            capability = (major, minor)
+        return Facts(
+            platform=device.type,
+            device_capability=capability,
+            attention_backends=(self.config.attention_backend,),
+            pooling=False,
+            flags={},
+            env=dict(os.environ),
+        )
+
+    @property
+    def world(self) -> World:
+        return self._world
+
+    def describe(self) -> WorkerInfo:
+        return WorkerInfo(
+            engine="builtin",
+            device=str(self.runner.device),
+            versions={
+                "torch": torch.__version__,
+                "triton": _version("triton"),
+                "flashinfer": _version("flashinfer"),
+            },
+            model=self.config.as_dict(),
+        )
+
+    def config_fingerprint(self) -> Mapping[str, Any]:
+        out = self.config.fingerprint()
+        out["dtype"] = str(self.runner.dtype).removeprefix("torch.")
+        return out
+
+    def slot_mapping(self, num_tokens: int) -> None:
+        self.runner.slot_mapping(num_tokens)
+
+    def dummy_run(
+        self,
+        shape: Shape,
+        num_tokens: int,
+        *,
+        prior_context: int = 0,
+        force_attention: bool = False,
+    ) -> None:
+        """Run a synthetic batch through the serving path (``ModelRunner.dummy_specs``).
+
+        The engine always builds full attention metadata, so ``force_attention``
+        changes nothing here; it is accepted for the protocol.
+        """
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+        self.runner.dummy_run(shape, num_tokens, prior_context)
+
+    def execute(self, batch: Batch) -> None:
+        """Run a real batch's shape exactly as serving would (synthetic token ids)."""
+        specs = [(1, _decode_context(), True)] * batch.decode
+        specs += [(chunk.tokens, chunk.context, False) for chunk in batch.prefill]
+        self.runner.run_requests(specs)
+
+    def preserve_state(self) -> contextlib.AbstractContextManager[None]:
+        return self.runner.preserve_state()
+
+    def synchronize(self) -> None:
+        self.runner.synchronize()
+
+    def autotune_backend(self, name: str) -> AutotuneBackend | None:
+        return self._backends.get(name)
+
+
+def _decode_context() -> int:
+    from warmplan.workers.builtin.runner import DECODE_CONTEXT
+
+    return DECODE_CONTEXT
