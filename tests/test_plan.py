@@ -35,15 +35,16 @@ def problems(text: str) -> list[str]:
 def test_dsv4_records() -> None:
     """plans/dsv4.yaml loads into typed, frozen records in vLLM's order."""
     plan = load_plan(PLANS / "dsv4.yaml")
+    # vLLM's kernel_warmup() runs the sparse-MLA attention warmup before request prep.
     assert [s.id for s in plan.steps] == [
-        "slot-mapping",
         "sparse-mla-decode-autotune",
         "sparse-mla-mixed",
         "sparse-mla-prefill",
         "sparse-mla-second-chunk",
+        "slot-mapping",
         "flashinfer-autotune",
     ]
-    slot = plan.steps[0]
+    slot = plan.steps[4]
     assert isinstance(slot, SlotMappingStep)
     assert expand_tokens(slot.tokens) == [*range(1, 17), 32, 64, 128, 256, 512]
     assert slot.clamp_to == "max_num_tokens"
@@ -52,11 +53,12 @@ def test_dsv4_records() -> None:
         slot.when.env[0].name == "VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP"
         and slot.when.env[0].unset
     )
-    auto = plan.steps[1]
+    auto = plan.steps[0]
     assert isinstance(auto, AutotuneStep)
+    assert auto.backend == "flashinfer_dsv4_decode"
     assert auto.replaces == "sparse-mla-mixed" and auto.when.device_capability_family == 120
     assert auto.when.flag == {"enable_flashinfer_autotune": (True,)}
-    second = plan.steps[4]
+    second = plan.steps[3]
     assert isinstance(second, DummyRunStep) and second.run.prior_context == "same"
     fi = plan.steps[5]
     assert isinstance(fi, AutotuneStep) and fi.when.device_capability == (9, 0)

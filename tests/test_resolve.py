@@ -229,7 +229,7 @@ def test_gate_helpers() -> None:
     )
     assert capability_family_matches((12, 0), 120) and capability_family_matches((12, 1), 120)
     assert not capability_family_matches((10, 0), 120)
-    assert gate_failure(DSV4.steps[0].when, cuda()) is None
+    assert gate_failure(DSV4.step("slot-mapping").when, cuda()) is None
 
 
 @given(

@@ -138,7 +138,7 @@ class DummyRunStep(StepBase):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AutotuneStep(StepBase):
-    backend: Literal["builtin", "flashinfer", "triton"]
+    backend: Literal["builtin", "flashinfer", "flashinfer_dsv4_decode", "triton"]
     run: RunSpec
     cache: CacheSpec = field(default_factory=CacheSpec)
     replaces: str | None = None

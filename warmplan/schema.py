@@ -18,7 +18,7 @@ SCHEMA_ID = "https://warmplan.dev/schemas/plan.schema.json"
 STEP_KINDS = ("autotune", "dummy_run", "slot_mapping")
 LIMITS = ("max_num_tokens", "max_num_batched_tokens", "max_num_seqs")
 SHAPES = ("mixed", "single_prefill", "uniform_decode", "plain")
-BACKENDS = ("builtin", "flashinfer", "triton")
+BACKENDS = ("builtin", "flashinfer", "flashinfer_dsv4_decode", "triton")
 POLICIES = ("leader", "every_rank", "load_only")
 ON_MISSING = ("tune", "skip", "fail")
 PLACEHOLDERS = ("cache_root", "backend", "backend_version", "arch", "config_hash", "rank")
@@ -239,7 +239,10 @@ AUTOTUNE_STEP = _obj(
     {
         **_COMMON,
         "kind": {"const": "autotune", "description": "Tune a backend's kernels, with a persistent cache."},
-        "backend": {"enum": list(BACKENDS), "description": "The tuning backend."},
+        "backend": {
+            "enum": list(BACKENDS),
+            "description": "The tuning backend: builtin (the built-in engine's kernel choices), flashinfer (FlashInfer's autotuner), flashinfer_dsv4_decode (FlashInfer's DeepSeek-V4 SM120 sparse-MLA decode autotuner), triton (triton.autotune configs).",
+        },
         "run": RUN,
         "cache": CACHE,
         "replaces": {

@@ -49,6 +49,10 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
     """Build the worker the command runs on (the built-in engine)."""
     config = {**plan.builtin, **read_model_config(getattr(args, "model_config", None))}
     device = getattr(args, "device", "auto")
+    import warnings
+
+    # torch warns at import when numpy is absent; warmplan never needs numpy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
         import torch  # noqa: F401
     except ImportError:

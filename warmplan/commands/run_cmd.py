@@ -56,14 +56,15 @@ def run(args: argparse.Namespace) -> int:
                     "tokens (requested -> applied)": tokens_text(s.requested, s.applied),
                     "time": f"{s.duration_s:.2f}s" if s.skipped is None else "",
                     "compiles": s.compiles if s.skipped is None else "",
+                    "cache loads": s.cache_loads if s.skipped is None else "",
                     "status": status,
                 }
             )
         w = report.worker
         print(f"plan {plan.name} on {w['engine']} ({w['device']}), rank {w['rank']}/{w['world_size']}")
-        print_table(rows, ["step", "kind", "tokens (requested -> applied)", "time", "compiles", "status"])
+        print_table(rows, ["step", "kind", "tokens (requested -> applied)", "time", "compiles", "cache loads", "status"])
         t = report.totals
-        print(f"total {t['duration_s']:.2f}s, {t['compiles']} compiles, {t['steps_run']} run, {t['steps_skipped']} skipped")
+        print(f"total {t['duration_s']:.2f}s, {t['compiles']} compiles, {t['cache_loads']} loaded from disk caches, {t['steps_run']} run, {t['steps_skipped']} skipped")
     return 0
 
 
