@@ -695,3 +695,18 @@ def test_contract_checks_hold_on_the_fake(fake: Any) -> None:
     assert len(checks) == 8
     for check in checks:
         check(vllm)
+
+
+def test_flashinfer_backend_load_returning_false(
+    fake: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_configs returning False (nothing usable) is an AutotuneLoadError, not silence."""
+    from flashinfer.autotuner import AutoTuner
+
+    monkeypatch.setattr(AutoTuner, "load_configs", lambda self, path: False)
+    backend = VllmWorker(fake.build()).autotune_backend("flashinfer")
+    assert backend is not None
+    with pytest.raises(
+        AutotuneLoadError, match=r"load_configs rejected the tuning payload \(2 bytes\)"
+    ):
+        backend.load(b"{}")

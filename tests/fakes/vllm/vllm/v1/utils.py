@@ -1,0 +1,3 @@
+from vllm._fake import CpuGpuBuffer
+
+__all__ = ["CpuGpuBuffer"]
