@@ -48,7 +48,9 @@ class FakeTuner:
         return True
 
 
-def install(monkeypatch: pytest.MonkeyPatch, *, with_cache_param: bool = True, with_save: bool = True) -> FakeTuner:
+def install(
+    monkeypatch: pytest.MonkeyPatch, *, with_cache_param: bool = True, with_save: bool = True
+) -> FakeTuner:
     tuner = FakeTuner()
     at = types.ModuleType("flashinfer.autotuner")
 
@@ -99,15 +101,26 @@ class MmWorker(FakeWorker):
         super().__init__(backend=backend)
         self.tuner = tuner
 
-    def dummy_run(self, shape: Any, num_tokens: int, *, prior_context: int = 0, force_attention: bool = False) -> None:
+    def dummy_run(
+        self, shape: Any, num_tokens: int, *, prior_context: int = 0, force_attention: bool = False
+    ) -> None:
         super().dummy_run(shape, num_tokens)
         self.tuner.choose(f"('bf16_gemm', 'CublasLtRunner', (({num_tokens}, 4096),))")
 
 
 def step(path: Path) -> ResolvedStep:
     return ResolvedStep(
-        id="fi", kind="autotune", requested=(64,), applied=(64,), clamp_to="max_num_batched_tokens",
-        limit=512, shape="plain", backend="flashinfer", policy="leader", cache_path=str(path), config_hash="c",
+        id="fi",
+        kind="autotune",
+        requested=(64,),
+        applied=(64,),
+        clamp_to="max_num_batched_tokens",
+        limit=512,
+        shape="plain",
+        backend="flashinfer",
+        policy="leader",
+        cache_path=str(path),
+        config_hash="c",
     )
 
 
@@ -115,15 +128,20 @@ def test_absent_flashinfer_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> No
     """Without flashinfer installed the backend says so instead of failing."""
     monkeypatch.setitem(sys.modules, "flashinfer", None)
     reason = FlashInferBackend().unavailable_reason()
-    assert reason is not None and reason.startswith("flashinfer is not installed")
+    assert reason is not None
+    assert reason.startswith("flashinfer is not installed")
 
 
-def test_tune_then_load_in_a_fresh_process_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_tune_then_load_in_a_fresh_process_state(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Tuning exports FlashInfer's JSON; a fresh tuner loads it from the warmplan cache."""
     tuner = install(monkeypatch)
     backend = FlashInferBackend(require_cuda=False)
     assert backend.unavailable_reason() is None
-    out = run_autotune(step(tmp_path / "fi.json"), MmWorker(tuner, backend), log=structlog.get_logger())
+    out = run_autotune(
+        step(tmp_path / "fi.json"), MmWorker(tuner, backend), log=structlog.get_logger()
+    )
     assert out.decision == "tune"
     doc = json.loads((tmp_path / "fi.json").read_text())
     assert doc["metadata"]["flashinfer.flashinfer"] == "0.7.2"
@@ -132,7 +150,9 @@ def test_tune_then_load_in_a_fresh_process_state(monkeypatch: pytest.MonkeyPatch
 
     tuner2 = install(monkeypatch)
     backend2 = FlashInferBackend(require_cuda=False)
-    out2 = run_autotune(step(tmp_path / "fi.json"), MmWorker(tuner2, backend2), log=structlog.get_logger())
+    out2 = run_autotune(
+        step(tmp_path / "fi.json"), MmWorker(tuner2, backend2), log=structlog.get_logger()
+    )
     assert (out2.decision, out2.fingerprint) == ("load", out.fingerprint)
     assert tuner2.profiled == {}
     assert list(tuner2.file_configs) == list(tuner.profiled)
@@ -141,7 +161,9 @@ def test_tune_then_load_in_a_fresh_process_state(monkeypatch: pytest.MonkeyPatch
 def test_load_configs_false_raises_and_explains(monkeypatch: pytest.MonkeyPatch) -> None:
     """load_configs() returning False is an error naming the metadata that differs."""
     tuner = install(monkeypatch)
-    payload = json.dumps({"_metadata": {**META, "cudnn_frontend_version": "unknown"}, "k": ["R", 1]}).encode()
+    payload = json.dumps(
+        {"_metadata": {**META, "cudnn_frontend_version": "unknown"}, "k": ["R", 1]}
+    ).encode()
     with pytest.raises(AutotuneLoadError) as info:
         FlashInferBackend(require_cuda=False).load(payload)
     assert "every lookup would fall back to untuned defaults" in str(info.value)
@@ -149,7 +171,9 @@ def test_load_configs_false_raises_and_explains(monkeypatch: pytest.MonkeyPatch)
     assert tuner.file_configs == {}
 
 
-def test_old_flashinfer_without_cache_param_exports_via_save_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_old_flashinfer_without_cache_param_exports_via_save_configs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Before 0.6.6 (no cache=): tune in memory, export with save_configs."""
     tuner = install(monkeypatch, with_cache_param=False)
     backend = FlashInferBackend(require_cuda=False)
@@ -163,7 +187,8 @@ def test_old_flashinfer_without_any_export_is_unavailable(monkeypatch: pytest.Mo
     """No cache= and no save_configs: unavailable, with the version needed."""
     install(monkeypatch, with_cache_param=False, with_save=False)
     reason = FlashInferBackend(require_cuda=False).unavailable_reason()
-    assert reason is not None and "need flashinfer >= 0.6.6" in reason
+    assert reason is not None
+    assert "need flashinfer >= 0.6.6" in reason
 
 
 def test_tuning_leaves_no_temp_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

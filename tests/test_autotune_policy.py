@@ -107,7 +107,9 @@ def test_single_process_cold_then_warm(tmp_path: Path) -> None:
 def test_leader_two_nodes_tunes_once_and_all_hold_identical_files(tmp_path: Path) -> None:
     """Four ranks on two simulated nodes: only rank 0 tunes; both nodes' files are identical."""
     paths = [tmp_path / "A" / "c.json"] * 2 + [tmp_path / "B" / "c.json"] * 2
-    results, backends, workers = run_ranks(4, lambda r: make_step(paths[r]), local_ranks=[0, 1, 0, 1])
+    results, backends, workers = run_ranks(
+        4, lambda r: make_step(paths[r]), local_ranks=[0, 1, 0, 1]
+    )
     assert [type(r) for r in results] == [AutotuneOutcome] * 4
     outs = [r for r in results if isinstance(r, AutotuneOutcome)]
     assert [o.decision for o in outs] == ["tune"] * 4
@@ -117,7 +119,9 @@ def test_leader_two_nodes_tunes_once_and_all_hold_identical_files(tmp_path: Path
     assert [runs(w) for w in workers] == [1, 1, 1, 1]
     assert (tmp_path / "A" / "c.json").read_bytes() == (tmp_path / "B" / "c.json").read_bytes()
 
-    results, backends, workers = run_ranks(4, lambda r: make_step(paths[r]), local_ranks=[0, 1, 0, 1])
+    results, backends, workers = run_ranks(
+        4, lambda r: make_step(paths[r]), local_ranks=[0, 1, 0, 1]
+    )
     outs = [r for r in results if isinstance(r, AutotuneOutcome)]
     assert [o.decision for o in outs] == ["load"] * 4
     assert [b.tuned_count for b in backends if b] == [0, 0, 0, 0]
@@ -143,19 +147,29 @@ def test_leader_repairs_a_stale_file_on_another_node(tmp_path: Path) -> None:
         (None, "metadata mismatch: config_hash: file has 'other', this rank has 'cfg'"),
     ],
 )
-def test_unusable_file_is_retuned_with_reason(tmp_path: Path, content: bytes | None, reason: str) -> None:
+def test_unusable_file_is_retuned_with_reason(
+    tmp_path: Path, content: bytes | None, reason: str
+) -> None:
     """Corrupt, truncated and mismatched files are never loaded: tune, and say why."""
     path = tmp_path / "c.json"
     if content is None:
-        meta = {"warmplan_format": "1", "backend": "fake", "backend_version": "1", "device": "none",
-                "arch": "cpu", "config_hash": "other", "fake.fake_version": "1"}
+        meta = {
+            "warmplan_format": "1",
+            "backend": "fake",
+            "backend_version": "1",
+            "device": "none",
+            "arch": "cpu",
+            "config_hash": "other",
+            "fake.fake_version": "1",
+        }
         content = encode_cache(meta, b'{"tactics": {}}')
     path.write_bytes(content)
     backend = FakeBackend()
     with capture_logs() as logs:
         out = run_autotune(make_step(path), worker_for(LocalWorld(), backend), log=LOG)
     assert out.decision == "tune"
-    assert out.reason is not None and reason in out.reason
+    assert out.reason is not None
+    assert reason in out.reason
     assert backend.tuned_count == 1
     assert any(e["event"] == "autotune.cache_unusable" and reason in e["reason"] for e in logs)
     again = run_autotune(make_step(path), worker_for(LocalWorld(), FakeBackend()), log=LOG)
@@ -164,8 +178,12 @@ def test_unusable_file_is_retuned_with_reason(tmp_path: Path, content: bytes | N
 
 def test_on_missing_skip_runs_nothing(tmp_path: Path) -> None:
     """leader with on_missing=skip: no tuning, no run, decision skip on every rank."""
-    results, backends, workers = run_ranks(2, lambda r: make_step(tmp_path / "c.json", on_missing="skip"))
-    assert [(getattr(o, "decision", None), getattr(o, "ran_run", None)) for o in results] == [("skip", False)] * 2
+    results, _backends, workers = run_ranks(
+        2, lambda r: make_step(tmp_path / "c.json", on_missing="skip")
+    )
+    assert [(getattr(o, "decision", None), getattr(o, "ran_run", None)) for o in results] == [
+        ("skip", False)
+    ] * 2
     assert [runs(w) for w in workers] == [0, 0]
     assert not (tmp_path / "c.json").exists()
 
@@ -183,7 +201,9 @@ def test_on_missing_fail_fails_every_rank(tmp_path: Path) -> None:
 def test_backend_missing_on_one_rank_skips_everywhere(tmp_path: Path) -> None:
     """A backend absent on rank 1 only: every rank skips and the replaced step runs."""
     results, _, workers = run_ranks(
-        2, lambda r: make_step(tmp_path / "c.json"), backend_for=lambda r: FakeBackend() if r == 0 else None
+        2,
+        lambda r: make_step(tmp_path / "c.json"),
+        backend_for=lambda r: FakeBackend() if r == 0 else None,
     )
     for out in results:
         assert isinstance(out, AutotuneOutcome)
@@ -195,9 +215,15 @@ def test_backend_missing_on_one_rank_skips_everywhere(tmp_path: Path) -> None:
 def test_backend_unavailable_reason(tmp_path: Path) -> None:
     """unavailable_reason() is reported as the skip reason."""
     out = run_autotune(
-        make_step(tmp_path / "c.json"), worker_for(LocalWorld(), FakeBackend(unavailable="no GPU")), log=LOG
+        make_step(tmp_path / "c.json"),
+        worker_for(LocalWorld(), FakeBackend(unavailable="no GPU")),
+        log=LOG,
     )
-    assert (out.decision, out.ran_run, out.reason) == ("skip", False, "rank 0: backend 'fake' unavailable: no GPU")
+    assert (out.decision, out.ran_run, out.reason) == (
+        "skip",
+        False,
+        "rank 0: backend 'fake' unavailable: no GPU",
+    )
 
 
 def test_unwritable_cache_dir_fails_every_rank_naming_the_path(tmp_path: Path) -> None:
@@ -222,7 +248,9 @@ def test_follower_load_failure_fails_every_rank(tmp_path: Path) -> None:
             raise AutotuneLoadError("cudnn-frontend present on one side only")
 
     results, _, _ = run_ranks(
-        2, lambda r: make_step(tmp_path / "c.json"), backend_for=lambda r: Refusing(rank=r) if r else FakeBackend()
+        2,
+        lambda r: make_step(tmp_path / "c.json"),
+        backend_for=lambda r: Refusing(rank=r) if r else FakeBackend(),
     )
     for err in results:
         assert isinstance(err, StepError)
@@ -236,7 +264,9 @@ def test_follower_names_a_hung_leader(tmp_path: Path) -> None:
     worker = worker_for(worlds[1], FakeBackend(rank=1))
     with pytest.raises(StepError) as info:
         run_autotune(make_step(tmp_path / "c.json", timeout_s=0.3), worker, log=LOG)
-    assert str(info.value).startswith("rank 1, step 'fi-autotune': agreeing on backend availability: ")
+    assert str(info.value).startswith(
+        "rank 1, step 'fi-autotune': agreeing on backend availability: "
+    )
     assert "waiting for rank 0" in str(info.value)
 
 
@@ -280,7 +310,9 @@ def test_load_only_never_tunes(tmp_path: Path) -> None:
 
 def test_load_only_rejects_on_missing_tune(tmp_path: Path) -> None:
     """load_only with on_missing=tune is a contradiction, said plainly."""
-    with pytest.raises(StepError, match="policy load_only never tunes; on_missing must be skip or fail"):
+    with pytest.raises(
+        StepError, match="policy load_only never tunes; on_missing must be skip or fail"
+    ):
         run_autotune(
             make_step(tmp_path / "c.json", policy="load_only", on_missing="tune"),
             worker_for(LocalWorld(), FakeBackend()),
@@ -292,7 +324,12 @@ def test_leader_tuning_failure_reaches_followers(tmp_path: Path) -> None:
     """The leader's run raising: followers fail at once naming rank 0, nothing written."""
     worlds = ThreadWorld.group(2)
     workers = [
-        RecordingWorker(world=worlds[0], backends={"fake": FakeBackend()}, platform="cpu", fail_on={"dummy_run": 1}),
+        RecordingWorker(
+            world=worlds[0],
+            backends={"fake": FakeBackend()},
+            platform="cpu",
+            fail_on={"dummy_run": 1},
+        ),
         worker_for(worlds[1], FakeBackend(rank=1)),
     ]
     results: list[Any] = [None, None]
@@ -311,5 +348,7 @@ def test_leader_tuning_failure_reaches_followers(tmp_path: Path) -> None:
     assert isinstance(results[0], StepError)
     assert str(results[0]).startswith("rank 0, step 'fi-autotune': tuning raised InjectedFailure")
     assert isinstance(results[1], StepError)
-    assert str(results[1]).startswith("rank 1, step 'fi-autotune': rank 0 failed while tuning: InjectedFailure")
+    assert str(results[1]).startswith(
+        "rank 1, step 'fi-autotune': rank 0 failed while tuning: InjectedFailure"
+    )
     assert list(tmp_path.iterdir()) == []

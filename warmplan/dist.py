@@ -39,7 +39,9 @@ class World(Protocol):
     @property
     def world_size(self) -> int: ...
 
-    def broadcast_bytes(self, data: bytes | None, *, src: int = 0, timeout_s: float) -> bytes | None:
+    def broadcast_bytes(
+        self, data: bytes | None, *, src: int = 0, timeout_s: float
+    ) -> bytes | None:
         """Send ``data`` from ``src`` to every rank; ``None`` travels as ``None``."""
 
     def all_gather_str(self, value: str, *, timeout_s: float) -> list[str]:
@@ -55,7 +57,9 @@ class LocalWorld:
     local_rank = 0
     world_size = 1
 
-    def broadcast_bytes(self, data: bytes | None, *, src: int = 0, timeout_s: float) -> bytes | None:
+    def broadcast_bytes(
+        self, data: bytes | None, *, src: int = 0, timeout_s: float
+    ) -> bytes | None:
         return data
 
     def all_gather_str(self, value: str, *, timeout_s: float) -> list[str]:

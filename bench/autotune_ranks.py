@@ -1,0 +1,174 @@
+"""Autotune across ranks on CPU (gloo): how long the autotune step takes for 1, 2 and
+4 ranks under the leader and every_rank policies, with a cold and a warm cache, using
+the built-in engine's ``builtin`` backend; and how long a follower's warmup takes with
+and without shared compile caches.
+
+    python bench/autotune_ranks.py [--ranks 1 2 4] [--tokens 256] [--skip-compile] [--json]
+
+Each configuration is a fresh launch of N processes (torchrun-style env, gloo). The
+step time is the slowest rank's ``run_autotune`` wall time (world setup and imports
+excluded). The autotune runs use ``compile=False`` (eager forward: the step's cost is
+then tuning, file I/O and collectives, not torch.compile); the compile-cache runs use
+``compile=True`` with 2 ranks and one dummy-run shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- one rank -------------------------------------------------------------------------
+
+
+def rank_main(job: dict[str, Any]) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, str(ROOT))
+    import structlog
+
+    from warmplan.dist import current_world
+    from warmplan.resolve import ResolvedStep
+    from warmplan.steps.autotune import run_autotune
+    from warmplan.workers.builtin.worker import BuiltinWorker
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    log = structlog.get_logger("bench")
+    world = current_world(timeout_s=600)
+    worker = BuiltinWorker({"device": "cpu", "num_layers": 1}, world=world, compile=job["kind"] == "compile")
+    result: dict[str, Any] = {}
+    if job["kind"] == "autotune":
+        name = f"tune.rank{world.rank}.json" if job["policy"] == "every_rank" else "tune.json"
+        step = ResolvedStep(
+            id="autotune", kind="autotune", requested=(job["tokens"],), applied=(job["tokens"],),
+            clamp_to="max_num_batched_tokens", limit=job["tokens"], shape="plain", backend="builtin",
+            policy=job["policy"], timeout_s=600, config_hash="bench",
+            cache_path=os.path.join(os.environ["WARMPLAN_CACHE_ROOT"], "autotune", name),
+        )
+        world.barrier(timeout_s=600)
+        t = time.perf_counter()
+        with worker.preserve_state():
+            out = run_autotune(step, worker, log=log)
+        result = {"seconds": time.perf_counter() - t, "decision": out.decision}
+    else:
+        from warmplan.compile_cache import share_compile_caches
+
+        def warm() -> None:
+            worker.dummy_run("plain", job["tokens"])
+
+        world.barrier(timeout_s=600)
+        t0 = time.perf_counter()
+        if job["share"]:
+            share = share_compile_caches(world, leader_work=warm, timeout_s=600, log=log)
+            result["bytes"] = share.bytes
+        t1 = time.perf_counter()
+        if world.rank != 0 or not job["share"]:
+            warm()
+        t2 = time.perf_counter()
+        result.update(own_s=t2 - t1, until_warm_s=t2 - t0)
+    with open(os.path.join(job["out"], f"rank{world.rank}.json"), "w") as f:
+        json.dump(result, f)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+# -- the launcher ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(n: int, job: dict[str, Any], env_per_rank: list[dict[str, str]]) -> list[dict[str, Any]]:
+    out = tempfile.mkdtemp(prefix="wp-bench-out-")
+    port = free_port()
+    procs = []
+    for rank in range(n):
+        env = dict(os.environ)
+        env.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n),
+            LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+        )
+        env.update(env_per_rank[rank])
+        cmd = [sys.executable, __file__, "--rank-job", json.dumps({**job, "out": out})]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    results = []
+    for rank, p in enumerate(procs):
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"rank {rank} failed ({p.returncode}):\n{err[-3000:]}")
+        results.append(json.loads(Path(out, f"rank{rank}.json").read_text()))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank-job", help=argparse.SUPPRESS)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--compile-tokens", type=int, default=16)
+    ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.rank_job:
+        return rank_main(json.loads(args.rank_job))
+
+    import torch
+
+    rows: list[dict[str, Any]] = []
+    for policy in ("leader", "every_rank"):
+        for n in args.ranks:
+            root = tempfile.mkdtemp(prefix="wp-bench-cache-")
+            env = [{"WARMPLAN_CACHE_ROOT": root}] * n
+            for phase in ("cold", "warm"):
+                res = launch(n, {"kind": "autotune", "policy": policy, "tokens": args.tokens}, env)
+                rows.append({
+                    "policy": policy, "ranks": n, "cache": phase,
+                    "step_s": max(r["seconds"] for r in res),
+                    "decisions": sorted({r["decision"] for r in res}),
+                })
+    compile_rows: list[dict[str, Any]] = []
+    if not args.skip_compile:
+        for share in (False, True):
+            base = tempfile.mkdtemp(prefix="wp-bench-ind-")
+            env = [{"TORCHINDUCTOR_CACHE_DIR": f"{base}/r{r}", "TRITON_CACHE_DIR": f"{base}/t{r}"} for r in range(2)]
+            res = launch(2, {"kind": "compile", "share": share, "tokens": args.compile_tokens}, env)
+            compile_rows.append({"shared": share, "follower_own_s": res[1]["own_s"],
+                                 "follower_until_warm_s": res[1]["until_warm_s"], "bytes": res[0].get("bytes", 0)})
+
+    meta = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "tokens": args.tokens}
+    if args.json:
+        print(json.dumps({"meta": meta, "autotune": rows, "compile_cache": compile_rows}, indent=1))
+        return 0
+    print(f"# autotune step, builtin backend, CPU gloo ({meta['date']}, torch {meta['torch']}, {meta['cpus']} CPUs, tokens={args.tokens})")
+    print("| policy | ranks | cache | step wall time (s) | decision |")
+    print("| --- | ---: | --- | ---: | --- |")
+    for r in rows:
+        print(f"| {r['policy']} | {r['ranks']} | {r['cache']} | {r['step_s']:.3f} | {'/'.join(r['decisions'])} |")
+    if compile_rows:
+        print()
+        print(f"# follower warmup, 2 ranks, compile=True, one dummy run of {args.compile_tokens} tokens")
+        print("| compile caches | follower's own warmup (s) | follower until warm (s) | tarball (bytes) |")
+        print("| --- | ---: | ---: | ---: |")
+        for r in compile_rows:
+            print(f"| {'shared from rank 0' if r['shared'] else 'not shared (cold)'} | {r['follower_own_s']:.2f} | "
+                  f"{r['follower_until_warm_s']:.2f} | {r['bytes']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

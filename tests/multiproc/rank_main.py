@@ -1,0 +1,136 @@
+"""One rank of a multi-process autotune / compile-cache test (run as a script).
+
+Reads its job from ``WP_JOB`` (JSON), joins the world from the launcher's env, runs
+the job through ``run_autotune`` (or ``share_compile_caches``) and writes the outcome
+to ``<out>/outcome.rank<R>.json``. A ``StepError`` prints its message on stderr and
+exits with its exit code (2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from warmplan.autotune.cache import default_cache_root  # noqa: E402
+from warmplan.autotune.fake import FakeBackend  # noqa: E402
+from warmplan.dist import current_world  # noqa: E402
+from warmplan.errors import StepError  # noqa: E402
+from warmplan.log import get_logger  # noqa: E402
+from warmplan.resolve import ResolvedStep  # noqa: E402
+from warmplan.steps.autotune import run_autotune  # noqa: E402
+from warmplan.testing import RecordingWorker  # noqa: E402
+
+
+def cache_path(job: dict[str, object], rank: int) -> str:
+    name = f"tune.rank{rank}.json" if job.get("per_rank") else "tune.json"
+    return os.path.join(default_cache_root(), "autotune", str(job.get("backend", "fake")), name)
+
+
+def make_worker(job: dict[str, object], world: object) -> object:
+    if job.get("backend") == "builtin":
+        from warmplan.workers.builtin.worker import BuiltinWorker
+
+        return BuiltinWorker(
+            {"device": "cpu", "num_layers": 1}, world=world, compile=bool(job.get("compile", False))
+        )  # type: ignore[arg-type]
+    backend = FakeBackend.from_env(rank=world.rank)  # type: ignore[attr-defined]
+    return RecordingWorker(world=world, backends={"fake": backend}, platform="cpu")  # type: ignore[arg-type]
+
+
+def world_job(world: Any) -> dict[str, object]:
+    """The collectives themselves; then rank 1 hangs and rank 0's barrier must name it."""
+    from warmplan.dist import WorldTimeout
+
+    r = world.rank
+    big = bytes(range(256)) * 40_000
+    got = {
+        "none": world.broadcast_bytes(None, timeout_s=10) is None,
+        "empty": world.broadcast_bytes(b"" if r == 1 else None, src=1, timeout_s=10) == b"",
+        "big_ok": world.broadcast_bytes(big if r == 0 else None, timeout_s=10) == big,
+        "gather": world.all_gather_str("é" * (r + 1), timeout_s=10),
+    }
+    if r == 1:
+        time.sleep(60)
+    try:
+        world.barrier(timeout_s=2)
+    except WorldTimeout as exc:
+        got["timeout"] = str(exc)
+    return got
+
+
+def main() -> int:
+    job = json.loads(os.environ["WP_JOB"])
+    out = job["out"]
+    timeout_s = float(job.get("timeout_s", 20))
+    world = current_world(timeout_s=timeout_s)
+    rank = world.rank
+    worker = make_worker(job, world)
+    log = get_logger("rank")
+    start = time.monotonic()
+    result: dict[str, object]
+    try:
+        if job.get("kind") == "world":
+            result = world_job(world)
+        elif job.get("kind") == "compile_cache":
+            from warmplan.compile_cache import share_compile_caches
+
+            def leader_work() -> None:
+                if job.get("leader_fails"):
+                    raise StepError("slot-mapping", "injected failure", rank=0)
+                root = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+                os.makedirs(os.path.join(root, "fxgraph", "ab"), exist_ok=True)
+                with open(os.path.join(root, "fxgraph", "ab", "graph.bin"), "wb") as f:
+                    f.write(b"compiled" * 1000)
+
+            o = share_compile_caches(world, leader_work=leader_work, timeout_s=timeout_s, log=log)
+            result = {"role": o.role, "bytes": o.bytes}
+        else:
+            backend = str(job.get("backend", "fake"))
+            step = ResolvedStep(
+                id="autotune-step",
+                kind="autotune",
+                requested=(64,),
+                applied=(int(job.get("tokens", 64)),),
+                clamp_to="max_num_batched_tokens",
+                limit=512,
+                shape="plain",
+                backend=backend,
+                policy=str(job.get("policy", "leader")),
+                on_missing=job.get("on_missing"),  # type: ignore[arg-type]
+                timeout_s=timeout_s,
+                cache_path=cache_path(job, rank),
+                config_hash="cfg1",
+            )
+            with worker.preserve_state():  # type: ignore[attr-defined]
+                o2 = run_autotune(step, worker, log=log)  # type: ignore[arg-type]
+            result = {
+                "decision": o2.decision,
+                "ran_run": o2.ran_run,
+                "cache_path": o2.cache_path,
+                "fingerprint": o2.fingerprint,
+                "reason": o2.reason,
+                "runs": len(getattr(worker, "calls_named", lambda *a: [])("dummy_run")),
+            }
+    except StepError as exc:
+        print(f"ELAPSED {time.monotonic() - start:.3f}", file=sys.stderr)
+        print(f"ERROR {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    result["seconds"] = time.monotonic() - start
+    with open(os.path.join(out, f"outcome.rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    # Skip interpreter teardown: a peer's failure must not hang us in gloo's destructors.
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,184 @@
+"""The autotune cache file: one JSON document holding metadata, a backend payload
+and the payload's sha256.
+
+The file is written atomically (temp file in the same directory, fsync, rename,
+fsync of the directory), so a reader sees the old file or the new one, never a torn
+one. A file that does not parse, is truncated, fails its checksum or whose metadata
+differs from what this rank expects is *missing*: ``read_cache`` says why and the
+caller never loads it.
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+FORMAT_KEY = "warmplan_autotune_cache"
+CACHE_ROOT_ENV = "WARMPLAN_CACHE_ROOT"
+
+
+def default_cache_root() -> str:
+    """``$WARMPLAN_CACHE_ROOT`` when set, else ``~/.cache/warmplan`` (absolute)."""
+    root = os.environ.get(CACHE_ROOT_ENV) or os.path.join("~", ".cache", "warmplan")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def fingerprint(payload: bytes) -> str:
+    """The sha256 of a tuning payload, as the report and the ranks compare it."""
+    return hashlib.sha256(payload).hexdigest()
+
+
+def encode_cache(metadata: Mapping[str, str], payload: bytes) -> bytes:
+    """The bytes of a cache file holding ``payload`` under ``metadata``."""
+    doc = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "metadata": dict(sorted(metadata.items())),
+        "payload_sha256": fingerprint(payload),
+        "payload_size": len(payload),
+        "payload_b64": base64.b64encode(payload).decode("ascii"),
+    }
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheHit:
+    """A cache file that parsed, matched and passed its checksum."""
+
+    payload: bytes
+    fingerprint: str
+    raw: bytes  # the file's bytes, as broadcast to other ranks
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheMiss:
+    """No usable cache file; ``reason`` says why (missing, corrupt, mismatched)."""
+
+    reason: str
+    exists: bool = False
+
+
+CacheRead = CacheHit | CacheMiss
+
+
+def metadata_mismatch(expected: Mapping[str, str], found: Mapping[str, str]) -> list[str]:
+    """One ``key: file has X, this rank has Y`` line per differing key, sorted."""
+    lines = []
+    for key in sorted(set(expected) | set(found)):
+        want, got = expected.get(key), found.get(key)
+        if want != got:
+            lines.append(f"{key}: file has {got!r}, this rank has {want!r}")
+    return lines
+
+
+def decode_cache(raw: bytes, expected: Mapping[str, str], *, path: str) -> CacheRead:
+    """Validate ``raw`` (a cache file's bytes) against ``expected`` metadata."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return CacheMiss(
+            reason=f"cache file {path} does not parse (corrupt or truncated): {exc}", exists=True
+        )
+    if not isinstance(doc, dict) or doc.get(FORMAT_KEY) is None:
+        return CacheMiss(reason=f"cache file {path} is not a warmplan autotune cache", exists=True)
+    if doc[FORMAT_KEY] != FORMAT_VERSION:
+        return CacheMiss(
+            reason=(
+                f"cache file {path} has format version {doc[FORMAT_KEY]!r}, "
+                f"this warmplan reads {FORMAT_VERSION}"
+            ),
+            exists=True,
+        )
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        return CacheMiss(reason=f"cache file {path} has no valid metadata", exists=True)
+    diff = metadata_mismatch(expected, meta)
+    if diff:
+        return CacheMiss(
+            reason=f"cache file {path} metadata mismatch: " + "; ".join(diff), exists=True
+        )
+    try:
+        payload = base64.b64decode(str(doc["payload_b64"]), validate=True)
+    except (KeyError, ValueError) as exc:
+        return CacheMiss(reason=f"cache file {path} payload does not decode: {exc}", exists=True)
+    digest = fingerprint(payload)
+    if digest != doc.get("payload_sha256") or len(payload) != doc.get("payload_size"):
+        return CacheMiss(
+            reason=f"cache file {path} payload checksum mismatch (corrupt or truncated)",
+            exists=True,
+        )
+    return CacheHit(payload=payload, fingerprint=digest, raw=raw)
+
+
+def read_cache(path: str, expected: Mapping[str, str]) -> CacheRead:
+    """Read and validate the cache file at ``path``; never raises for bad contents."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return CacheMiss(reason=f"no cache file at {path}")
+    except OSError as exc:
+        return CacheMiss(reason=f"cache file {path} is unreadable: {exc}", exists=True)
+    return decode_cache(raw, expected, path=path)
+
+
+def file_holds(path: str, data: bytes) -> bool:
+    """Whether the file at ``path`` already holds exactly ``data``."""
+    try:
+        if os.path.getsize(path) != len(data):
+            return False
+        with open(path, "rb") as f:
+            return f.read() == data
+    except OSError:
+        return False
+
+
+class CacheWriteError(OSError):
+    """The cache file could not be written; the message names the path."""
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync,
+    rename over ``path``, fsync the directory. The temp file never outlives a failure."""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
+        )
+    except OSError as exc:
+        raise CacheWriteError(f"cannot write cache file {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise CacheWriteError(f"cannot write cache file {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: str) -> None:
+    """fsync a directory so a rename in it survives a crash (best effort off POSIX)."""
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

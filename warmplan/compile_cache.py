@@ -1,0 +1,214 @@
+"""Share compile caches across ranks: rank 0 compiles, the others unpack its caches.
+
+``share_compile_caches`` runs ``leader_work`` (the compile-heavy steps) on rank 0,
+packs its inductor and Triton cache directories into an in-memory tarball and
+broadcasts it; the other ranks unpack it into their own cache directories before
+their own steps, so their first compiles are disk-cache hits. Each file is unpacked
+to a temp name and renamed into place, so a concurrent reader never sees half a
+file; members with absolute paths, ``..``, links or devices are rejected. If
+``leader_work`` fails on rank 0, an error marker is broadcast so the followers fail
+at once, naming rank 0 and the step.
+
+Directories: inductor's is ``torch._inductor.runtime.cache_dir_utils.cache_dir()``
+(``TORCHINDUCTOR_CACHE_DIR``, default ``/tmp/torchinductor_$USER``); Triton's is
+``TRITON_CACHE_DIR``, else ``triton.knobs.cache.dir``, else ``~/.triton/cache``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import io
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from warmplan.dist import World, WorldError
+from warmplan.errors import StepError, WarmplanError
+
+STEP_ID = "compile_cache"
+_OK = b"O"
+_ERR = b"E"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompileShareOutcome:
+    """``role`` of this rank, the tarball's size and the seconds spent sharing."""
+
+    role: Literal["leader", "follower", "single"]
+    bytes: int
+    seconds: float
+
+
+def inductor_cache_dir() -> str:
+    """Inductor's cache directory, resolved the way inductor resolves it.
+
+    Uses ``torch._inductor.runtime.cache_dir_utils.cache_dir()`` when inductor is
+    already imported (it is, in any worker that compiles); otherwise the same rule
+    without paying inductor's import: ``TORCHINDUCTOR_CACHE_DIR``, else
+    ``<tempdir>/torchinductor_<user>``.
+    """
+    if "torch._inductor" in sys.modules:
+        with contextlib.suppress(ImportError):
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            return str(cache_dir())
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env:
+        return os.path.abspath(env)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    return os.path.join(
+        tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user)
+    )
+
+
+def triton_cache_dir() -> str:
+    """Triton's on-disk kernel cache directory."""
+    env = os.environ.get("TRITON_CACHE_DIR")
+    if env:
+        return os.path.abspath(env)
+    with contextlib.suppress(Exception):
+        import triton
+
+        knob = triton.knobs.cache.dir
+        if knob:
+            return str(knob)
+    return os.path.join(os.path.expanduser("~"), ".triton", "cache")
+
+
+def cache_dirs() -> dict[str, str]:
+    """The directories shared, by archive prefix; one inside another is packed once."""
+    dirs = {"inductor": inductor_cache_dir(), "triton": triton_cache_dir()}
+    ind, tri = (os.path.realpath(d) for d in dirs.values())
+    if tri == ind or tri.startswith(ind + os.sep):
+        del dirs["triton"]
+    elif ind.startswith(tri + os.sep):
+        del dirs["inductor"]
+    return dirs
+
+
+def pack(dirs: dict[str, str]) -> bytes:
+    """A tarball (uncompressed, in memory) of regular files under ``dirs``."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for prefix, root in sorted(dirs.items()):
+            if not os.path.isdir(root):
+                continue
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    full = os.path.join(dirpath, name)
+                    if name.endswith(".tmp") or not os.path.isfile(full) or os.path.islink(full):
+                        continue
+                    rel = os.path.relpath(full, root)
+                    with contextlib.suppress(OSError):  # a file removed while we walk
+                        tar.add(full, arcname=f"{prefix}/{rel}", recursive=False)
+    return buf.getvalue()
+
+
+class UnsafeArchive(WarmplanError):
+    """A compile-cache archive member would escape its directory or is not a file."""
+
+
+def unpack(data: bytes, dirs: dict[str, str]) -> int:
+    """Unpack ``data`` into ``dirs``; returns the number of files written.
+
+    Every member is checked before anything is written: it must be a regular file or
+    directory, under a known prefix, with a relative path free of ``..``.
+    """
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        members = tar.getmembers()
+        plan: list[tuple[tarfile.TarInfo, str]] = []
+        for m in members:
+            name = m.name
+            parts = name.replace("\\", "/").split("/")
+            if name.startswith("/") or os.path.isabs(name) or ".." in parts:
+                raise UnsafeArchive(f"compile-cache archive member {name!r} escapes its directory")
+            if not (m.isfile() or m.isdir()):
+                raise UnsafeArchive(f"compile-cache archive member {name!r} is not a regular file")
+            prefix, rest = parts[0], "/".join(parts[1:])
+            if prefix not in dirs or not rest:
+                raise UnsafeArchive(
+                    f"compile-cache archive member {name!r} is outside the shared caches"
+                )
+            root = os.path.realpath(dirs[prefix])
+            target = os.path.realpath(os.path.join(root, rest))
+            if not target.startswith(root + os.sep):
+                raise UnsafeArchive(f"compile-cache archive member {name!r} escapes {root}")
+            if m.isfile():
+                plan.append((m, target))
+        for m, target in plan:
+            src = tar.extractfile(m)
+            if src is None:
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".wp.", suffix=".tmp", dir=os.path.dirname(target))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(src.read())
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+    return len(plan)
+
+
+def share_compile_caches(
+    world: World, *, leader_work: Callable[[], None], timeout_s: float, log: Any
+) -> CompileShareOutcome:
+    """Rank 0 runs ``leader_work`` and sends its compile caches; the others receive them."""
+    start = time.monotonic()
+    if world.world_size == 1:
+        leader_work()
+        return CompileShareOutcome(role="single", bytes=0, seconds=time.monotonic() - start)
+    rank = world.rank
+    if rank == 0:
+        try:
+            leader_work()
+            data = pack(cache_dirs())
+        except BaseException as exc:
+            # Tell the followers before raising, so they fail fast instead of timing out.
+            text = str(exc) or type(exc).__name__
+            with contextlib.suppress(WorldError):
+                world.broadcast_bytes(
+                    _ERR + text.encode("utf-8", "replace"), src=0, timeout_s=timeout_s
+                )
+            raise
+        try:
+            world.broadcast_bytes(_OK + data, src=0, timeout_s=timeout_s)
+        except WorldError as exc:
+            raise StepError(STEP_ID, f"sending compile caches: {exc}", rank=rank) from exc
+        log.info("compile_cache.sent", bytes=len(data), seconds=round(time.monotonic() - start, 3))
+        return CompileShareOutcome(role="leader", bytes=len(data), seconds=time.monotonic() - start)
+    try:
+        msg = world.broadcast_bytes(None, src=0, timeout_s=timeout_s)
+    except WorldError as exc:
+        raise StepError(STEP_ID, f"waiting for rank 0's compile caches: {exc}", rank=rank) from exc
+    if not msg or msg[:1] == _ERR:
+        text = msg[1:].decode("utf-8", "replace") if msg else "nothing was sent"
+        raise StepError(
+            STEP_ID, f"rank 0 failed while compiling for the shared caches: {text}", rank=rank
+        )
+    data = msg[1:]
+    try:
+        files = unpack(data, cache_dirs())
+    except (tarfile.TarError, UnsafeArchive, OSError) as exc:
+        raise StepError(STEP_ID, f"unpacking rank 0's compile caches: {exc}", rank=rank) from exc
+    log.info(
+        "compile_cache.received",
+        bytes=len(data),
+        files=files,
+        seconds=round(time.monotonic() - start, 3),
+    )
+    return CompileShareOutcome(role="follower", bytes=len(data), seconds=time.monotonic() - start)
