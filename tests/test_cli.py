@@ -17,11 +17,25 @@ DSV4 = str(PLANS / "dsv4.yaml")
 
 def test_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
     """warmplan plan --json gives steps with requested/applied tokens, skips and cache paths."""
-    code = main([
-        "plan", DSV4, "--max-num-tokens", "8", "--max-num-batched-tokens", "2048",
-        "--attention-backend", "V4_FLASHMLA_SPARSE", "--device-capability", "12.0",
-        "--flag", "enable_flashinfer_autotune=true", "--cache-root", "/c", "--json",
-    ])
+    code = main(
+        [
+            "plan",
+            DSV4,
+            "--max-num-tokens",
+            "8",
+            "--max-num-batched-tokens",
+            "2048",
+            "--attention-backend",
+            "V4_FLASHMLA_SPARSE",
+            "--device-capability",
+            "12.0",
+            "--flag",
+            "enable_flashinfer_autotune=true",
+            "--cache-root",
+            "/c",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     steps = {s["id"]: s for s in out["steps"]}
@@ -31,13 +45,30 @@ def test_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert steps["sparse-mla-second-chunk"]["prior_context"] == 2048
     assert steps["sparse-mla-mixed"]["replaced_by"] == "sparse-mla-decode-autotune"
     # No worker here, so the backend version is unknown.
-    assert steps["flashinfer-autotune"]["cache_path"] == f"/c/autotune/flashinfer/unknown/sm120/{steps['flashinfer-autotune']['config_hash']}.json"
+    assert (
+        steps["flashinfer-autotune"]["cache_path"]
+        == f"/c/autotune/flashinfer/unknown/sm120/{steps['flashinfer-autotune']['config_hash']}.json"
+    )
     assert all(s["skipped"] is None for s in out["steps"])
 
 
 def test_plan_table_shows_skips(capsys: pytest.CaptureFixture[str]) -> None:
     """The table names every step and why it is skipped."""
-    assert main(["plan", DSV4, "--max-num-tokens", "8", "--max-num-batched-tokens", "16", "--platform", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                DSV4,
+                "--max-num-tokens",
+                "8",
+                "--max-num-batched-tokens",
+                "16",
+                "--platform",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "slot-mapping" in out and "gate platform: needs cuda, worker is cpu" in out
     assert "gate attention_backend" in out
@@ -45,13 +76,28 @@ def test_plan_table_shows_skips(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_plan_env_option_turns_warmup_off(capsys: pytest.CaptureFixture[str]) -> None:
     """--env sets what the env gates read."""
-    main(["plan", DSV4, "--max-num-tokens", "8", "--max-num-batched-tokens", "16", "--attention-backend", "DEEPSEEK_SPARSE_SWA",
-          "--env", "VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP=0", "--json"])
+    main(
+        [
+            "plan",
+            DSV4,
+            "--max-num-tokens",
+            "8",
+            "--max-num-batched-tokens",
+            "16",
+            "--attention-backend",
+            "DEEPSEEK_SPARSE_SWA",
+            "--env",
+            "VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP=0",
+            "--json",
+        ]
+    )
     steps = json.loads(capsys.readouterr().out)["steps"]
     assert steps[0]["skipped"] == "gate env: VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP='0' is false"
 
 
-def test_bad_plan_exit_1_no_traceback(write_plan: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_plan_exit_1_no_traceback(
+    write_plan: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     """A bad plan given to plan exits 1 with the file:line message only."""
     bad = write_plan("version: 1\nname: x\nsteps: [{id: a, kind: slot_mapping}]\n")
     assert main(["plan", str(bad), "--max-num-tokens", "8", "--max-num-batched-tokens", "8"]) == 1
@@ -61,7 +107,21 @@ def test_bad_plan_exit_1_no_traceback(write_plan: Callable[..., Path], capsys: p
 
 def test_bad_flag_value(capsys: pytest.CaptureFixture[str]) -> None:
     """An unsatisfiable option is a user error, exit 1."""
-    assert main(["plan", DSV4, "--max-num-tokens", "8", "--max-num-batched-tokens", "8", "--flag", "x=maybe"]) == 1
+    assert (
+        main(
+            [
+                "plan",
+                DSV4,
+                "--max-num-tokens",
+                "8",
+                "--max-num-batched-tokens",
+                "8",
+                "--flag",
+                "x=maybe",
+            ]
+        )
+        == 1
+    )
     assert capsys.readouterr().err == "warmplan: error: --flag x=maybe: expected true or false\n"
 
 
@@ -85,11 +145,23 @@ def test_json_logs(capsys: pytest.CaptureFixture[str], write_plan: Callable[...,
 
     configure("json")
     try:
-        run_plan(load_plan(write_plan("version: 1\nname: t\nsteps: [{id: a, kind: slot_mapping, tokens: [1, 9]}]\n")), RecordingWorker(max_num_tokens=4))
+        run_plan(
+            load_plan(
+                write_plan(
+                    "version: 1\nname: t\nsteps: [{id: a, kind: slot_mapping, tokens: [1, 9]}]\n"
+                )
+            ),
+            RecordingWorker(max_num_tokens=4),
+        )
         lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     finally:
         configure("console")
     events = [e["event"] for e in lines]
     assert events == ["plan.start", "step.start", "step.done", "plan.done"]
     start = lines[1]
-    assert start["step"] == "a" and start["requested"] == [1, 9] and start["applied"] == [1, 4] and start["clamped"] == {"9": 4}
+    assert (
+        start["step"] == "a"
+        and start["requested"] == [1, 9]
+        and start["applied"] == [1, 4]
+        and start["clamped"] == {"9": 4}
+    )

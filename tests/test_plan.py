@@ -245,7 +245,7 @@ def test_misspelt_top_level_key() -> None:
 def test_billion_laughs_fails_fast() -> None:
     """Alias expansion is bounded: an alias bomb fails at once with a clear message."""
     rows = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=False):
         rows.append(f"{name}: &{name} [{','.join(['*' + prev] * 9)}]")
     got = problems("\n".join(rows) + "\n")
     assert len(got) == 1

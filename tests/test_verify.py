@@ -35,7 +35,9 @@ class CompilingWorker(RecordingWorker):
     SIZES = (1, 16, 64)
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(max_num_tokens=64, max_num_batched_tokens=64, max_num_seqs=16, platform="cpu", **kwargs)
+        super().__init__(
+            max_num_tokens=64, max_num_batched_tokens=64, max_num_seqs=16, platform="cpu", **kwargs
+        )
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return (x * 2).sin().sum()
@@ -45,8 +47,17 @@ class CompilingWorker(RecordingWorker):
     def padded_num_tokens(self, n: int) -> int:
         return next((s for s in self.SIZES if s >= n), n)
 
-    def dummy_run(self, shape: Shape, num_tokens: int, *, prior_context: int = 0, force_attention: bool = False) -> None:
-        super().dummy_run(shape, num_tokens, prior_context=prior_context, force_attention=force_attention)
+    def dummy_run(
+        self,
+        shape: Shape,
+        num_tokens: int,
+        *,
+        prior_context: int = 0,
+        force_attention: bool = False,
+    ) -> None:
+        super().dummy_run(
+            shape, num_tokens, prior_context=prior_context, force_attention=force_attention
+        )
         self._forward(torch.ones(self.padded_num_tokens(num_tokens)))
 
     def execute(self, batch: Batch) -> None:
@@ -73,8 +84,17 @@ class NoServingWorker:
     def slot_mapping(self, num_tokens: int) -> None:
         self._inner.slot_mapping(num_tokens)
 
-    def dummy_run(self, shape: Shape, num_tokens: int, *, prior_context: int = 0, force_attention: bool = False) -> None:
-        self._inner.dummy_run(shape, num_tokens, prior_context=prior_context, force_attention=force_attention)
+    def dummy_run(
+        self,
+        shape: Shape,
+        num_tokens: int,
+        *,
+        prior_context: int = 0,
+        force_attention: bool = False,
+    ) -> None:
+        self._inner.dummy_run(
+            shape, num_tokens, prior_context=prior_context, force_attention=force_attention
+        )
 
     def preserve_state(self) -> Any:
         return self._inner.preserve_state()
@@ -118,7 +138,9 @@ def _load(path: Path) -> Plan:
 def test_covering_plan_replays_with_no_compile(tmp_path: Path) -> None:
     """A plan that ran every padded size leaves nothing to compile during the replay."""
     worker = CompilingWorker()
-    result = verify_cmd.verify(_load(_plan(tmp_path, 1, 16, 64)), worker, load_trace_entries(_trace(tmp_path, TRACE)))
+    result = verify_cmd.verify(
+        _load(_plan(tmp_path, 1, 16, 64)), worker, load_trace_entries(_trace(tmp_path, TRACE))
+    )
     assert result.warmup_compiles == 3
     assert result.covered
     assert result.events == []
@@ -128,14 +150,35 @@ def test_covering_plan_replays_with_no_compile(tmp_path: Path) -> None:
 def test_uncovered_sizes_are_reported_per_batch(tmp_path: Path) -> None:
     """Sizes the plan missed compile during the replay, each attributed to its batch."""
     trace = _trace(tmp_path, TRACE)
-    result = verify_cmd.verify(_load(_plan(tmp_path, 1)), CompilingWorker(), load_trace_entries(trace), trace=str(trace))
+    result = verify_cmd.verify(
+        _load(_plan(tmp_path, 1)), CompilingWorker(), load_trace_entries(trace), trace=str(trace)
+    )
     assert result.compiles == 2
     assert result.batches_hit == [1, 2]
     assert result.rows() == [
-        {"batch": 1, "line": 3, "kind": "dynamo", "name": "forward", "key": "x=float32[16]", "cache": "compile", "time": result.rows()[0]["time"]},
-        {"batch": 2, "line": 4, "kind": "dynamo", "name": "forward", "key": "x=float32[64]", "cache": "compile", "time": result.rows()[1]["time"]},
+        {
+            "batch": 1,
+            "line": 3,
+            "kind": "dynamo",
+            "name": "forward",
+            "key": "x=float32[16]",
+            "cache": "compile",
+            "time": result.rows()[0]["time"],
+        },
+        {
+            "batch": 2,
+            "line": 4,
+            "kind": "dynamo",
+            "name": "forward",
+            "key": "x=float32[64]",
+            "cache": "compile",
+            "time": result.rows()[1]["time"],
+        },
     ]
-    assert result.summary() == f"NOT covered: 2 compiles and 0 disk-cache loads in 2 of 4 batches from {trace}"
+    assert (
+        result.summary()
+        == f"NOT covered: 2 compiles and 0 disk-cache loads in 2 of 4 batches from {trace}"
+    )
     assert [s.id for s in result.suggestions] == [
         "suggested-slot-mapping",
         "suggested-mixed-16",
@@ -147,15 +190,20 @@ def test_worker_without_execute_is_a_user_error(tmp_path: Path) -> None:
     """verify needs ServingWorker.execute; the message names the worker."""
     entries = load_trace_entries(_trace(tmp_path, TRACE))
     with pytest.raises(UserError, match="the 'recording' worker has no execute\\(batch\\)"):
-        verify_cmd.verify(_load(_plan(tmp_path, 1)), NoServingWorker(), entries)  # type: ignore[arg-type]
+        verify_cmd.verify(_load(_plan(tmp_path, 1)), NoServingWorker(), entries)
 
 
 def test_batch_over_the_limits_fails_before_warmup(tmp_path: Path) -> None:
     """A batch the worker could never run is a UserError at its line; the plan does not run."""
     trace = _trace(tmp_path, '{"decode": 1}\n{"prefill": [{"tokens": 65}]}\n')
     worker = CompilingWorker()
-    with pytest.raises(UserError, match=r"trace\.jsonl:2: batch of 65 tokens exceeds the worker's max_num_batched_tokens 64"):
-        verify_cmd.verify(_load(_plan(tmp_path, 1)), worker, load_trace_entries(trace), trace=str(trace))
+    with pytest.raises(
+        UserError,
+        match=r"trace\.jsonl:2: batch of 65 tokens exceeds the worker's max_num_batched_tokens 64",
+    ):
+        verify_cmd.verify(
+            _load(_plan(tmp_path, 1)), worker, load_trace_entries(trace), trace=str(trace)
+        )
     assert worker.calls == []
 
 
@@ -164,7 +212,9 @@ def test_monitor_is_uninstalled_after_verify(tmp_path: Path) -> None:
     from torch._dynamo.callback import callback_handler
 
     before = (list(callback_handler.start_callbacks), list(callback_handler.end_callbacks))
-    verify_cmd.verify(_load(_plan(tmp_path, 1)), CompilingWorker(), load_trace_entries(_trace(tmp_path, TRACE)))
+    verify_cmd.verify(
+        _load(_plan(tmp_path, 1)), CompilingWorker(), load_trace_entries(_trace(tmp_path, TRACE))
+    )
     assert (callback_handler.start_callbacks, callback_handler.end_callbacks) == before
 
 
@@ -180,42 +230,61 @@ def fake_worker(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("fake_worker")
-def test_cli_prints_each_compile_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_each_compile_and_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The table names batch, line, kind, function and shape; exit 0 without --strict."""
     trace = _trace(tmp_path, TRACE)
     code = main(["verify", str(_plan(tmp_path, 1)), "--trace", str(trace)])
     out = capsys.readouterr().out
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("plan fake-1: warmup 1 compiles, 0 disk-cache loads; replay of 4 batches took ")
+    assert lines[0].startswith(
+        "plan fake-1: warmup 1 compiles, 0 disk-cache loads; replay of 4 batches took "
+    )
     assert lines[1].split() == ["batch", "line", "kind", "name", "key", "cache", "time"]
     assert lines[3].split()[:6] == ["1", "3", "dynamo", "forward", "x=float32[16]", "compile"]
     assert lines[4].split()[:6] == ["2", "4", "dynamo", "forward", "x=float32[64]", "compile"]
-    assert lines[5] == f"NOT covered: 2 compiles and 0 disk-cache loads in 2 of 4 batches from {trace}"
+    assert (
+        lines[5] == f"NOT covered: 2 compiles and 0 disk-cache loads in 2 of 4 batches from {trace}"
+    )
     assert "suggested-" not in out
 
 
 @pytest.mark.usefixtures("fake_worker")
-def test_cli_strict_exits_1_when_the_replay_compiled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_strict_exits_1_when_the_replay_compiled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--strict: exit 1 on any replay compile, 0 when covered."""
     trace = str(_trace(tmp_path, TRACE))
     assert main(["verify", str(_plan(tmp_path, 1)), "--trace", trace, "--strict"]) == 1
     torch._dynamo.reset()
     assert main(["verify", str(_plan(tmp_path, 1, 16, 64)), "--trace", trace, "--strict"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == f"covered: 4 batches from {trace} replayed with no compilation"
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == f"covered: 4 batches from {trace} replayed with no compilation"
+    )
 
 
 @pytest.mark.usefixtures("fake_worker")
-def test_cli_suggest_prints_pasteable_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_suggest_prints_pasteable_yaml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--suggest prints steps that, added to the plan, make the replay covered."""
     plan = _plan(tmp_path, 1)
     trace = str(_trace(tmp_path, TRACE))
     main(["verify", str(plan), "--trace", trace, "--suggest"])
     out = capsys.readouterr().out
-    suggested = out[out.index("# Steps that would have covered"):]
+    suggested = out[out.index("# Steps that would have covered") :]
     steps = yaml.safe_load(suggested)
-    assert [s["id"] for s in steps] == ["suggested-slot-mapping", "suggested-mixed-16", "suggested-single-prefill-64-ctx-100"]
-    pasted = plan.read_text(encoding="utf-8") + "".join(f"  {line}\n" for line in suggested.splitlines())
+    assert [s["id"] for s in steps] == [
+        "suggested-slot-mapping",
+        "suggested-mixed-16",
+        "suggested-single-prefill-64-ctx-100",
+    ]
+    pasted = plan.read_text(encoding="utf-8") + "".join(
+        f"  {line}\n" for line in suggested.splitlines()
+    )
     plan.write_text(pasted, encoding="utf-8")
     torch._dynamo.reset()
     assert main(["verify", str(plan), "--trace", trace, "--strict"]) == 0
@@ -236,10 +305,12 @@ def test_cli_json_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         (1, 3, "dynamo", "x=float32[16]"),
         (2, 4, "dynamo", "x=float32[64]"),
     ]
-    assert [s["id"] for s in data["suggestions"]][0] == "suggested-slot-mapping"
+    assert data["suggestions"][0]["id"] == "suggested-slot-mapping"
 
 
-def test_cli_bad_trace_exits_1_before_building_a_worker(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_bad_trace_exits_1_before_building_a_worker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A bad trace line is one message naming file:line; no worker is built."""
 
     def no_worker(args: argparse.Namespace, plan: Plan) -> None:
@@ -248,4 +319,50 @@ def test_cli_bad_trace_exits_1_before_building_a_worker(tmp_path: Path, capsys: 
     monkeypatch.setattr(verify_cmd, "make_worker", no_worker)
     trace = _trace(tmp_path, '{"decode": 1}\n{"decode": -2}\n')
     assert main(["verify", str(_plan(tmp_path, 1)), "--trace", str(trace)]) == 1
-    assert capsys.readouterr().err.strip() == f"warmplan: error: {trace}:2: field 'decode': expected a non-negative integer, found -2"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"warmplan: error: {trace}:2: field 'decode': expected a non-negative integer, found -2"
+    )
+
+
+# -- end to end on the built-in engine (CPU) ------------------------------------------
+
+SMOKE_TRACE = """\
+{"decode": 1}
+{"decode": 3, "prefill": [{"tokens": 13}]}
+{"decode": 5}
+{"prefill": [{"tokens": 40, "context": 100}]}
+"""
+
+
+def test_builtin_engine_replay_suggest_and_cover(tmp_path: Path) -> None:
+    """On the built-in engine: the smoke plan misses two batches; its suggestions cover them."""
+    from warmplan.plan import load_plan
+    from warmplan.suggest import render_yaml
+    from warmplan.workers.builtin import build_worker
+
+    root = Path(__file__).resolve().parent.parent
+    plan_path = root / "plans" / "builtin-smoke.yaml"
+    plan = load_plan(plan_path)
+    entries = load_trace_entries(_trace(tmp_path, SMOKE_TRACE))
+    result = verify_cmd.verify(plan, build_worker(dict(plan.builtin), device="cpu"), entries)
+    assert not result.covered
+    assert result.batches_hit == [2, 3]  # 5 decodes; a chunk after prior context
+    assert {e.kind for e in result.events} == {"dynamo"}
+    suggested = render_yaml(result.suggestions)
+    ids = [s["id"] for s in yaml.safe_load(suggested)]
+    assert "suggested-uniform-decode-5" in ids or "suggested-uniform-decode-16" in ids
+    assert any(i.startswith("suggested-single-prefill-") and i.endswith("-ctx-100") for i in ids)
+
+    pasted = tmp_path / "smoke-plus.yaml"
+    pasted.write_text(
+        plan_path.read_text(encoding="utf-8")
+        + "".join(f"  {line}\n" for line in suggested.splitlines()),
+        encoding="utf-8",
+    )
+    torch._dynamo.reset()
+    plan_plus = load_plan(pasted)
+    again = verify_cmd.verify(
+        plan_plus, build_worker(dict(plan_plus.builtin), device="cpu"), entries
+    )
+    assert again.events == [], again.rows()

@@ -274,7 +274,7 @@ def _run_one(
         if progress:
             progress(index, total, rstep, "skipped")
         return entry
-    clamped = {r: a for r, a in zip(rstep.requested, _clamped(rstep)) if r != a}
+    clamped = {r: a for r, a in zip(rstep.requested, _clamped(rstep), strict=False) if r != a}
     slog.info("step.start", requested=list(rstep.requested), applied=list(rstep.applied), clamp_to=rstep.clamp_to, limit=rstep.limit, **({"clamped": clamped} if clamped else {}))
     if progress:
         progress(index, total, rstep, "start")

@@ -37,6 +37,11 @@ def _equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def num(v: Any) -> bool:
+    """A JSON number (not a boolean)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def compile_schema(root: Mapping[str, Any]) -> Check:
     """Compile ``root`` into a function ``data -> bool``."""
     refs: dict[str, Check] = {}
@@ -74,7 +79,6 @@ def compile_schema(root: Mapping[str, Any]) -> Check:
         if "enum" in s:
             options = list(s["enum"])
             checks.append(lambda v: any(_equal(v, o) for o in options))
-        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         if "minimum" in s:
             lo = s["minimum"]
             checks.append(lambda v: not num(v) or v >= lo)
@@ -96,7 +100,7 @@ def compile_schema(root: Mapping[str, Any]) -> Check:
         if "maxItems" in s:
             mx = s["maxItems"]
             checks.append(lambda v: not isinstance(v, list) or len(v) <= mx)
-        if "uniqueItems" in s and s["uniqueItems"]:
+        if s.get("uniqueItems"):
             checks.append(lambda v: not isinstance(v, list) or all(not _equal(a, b) for i, a in enumerate(v) for b in v[i + 1 :]))
         prefix = [build(p) for p in s.get("prefixItems", [])]
         if prefix or "items" in s:
@@ -106,10 +110,7 @@ def compile_schema(root: Mapping[str, Any]) -> Check:
             def items(v: Any) -> bool:
                 if not isinstance(v, list):
                     return True
-                for i, item in enumerate(v):
-                    if not (prefix[i](item) if i < np_ else rest(item)):
-                        return False
-                return True
+                return all(prefix[i](item) if i < np_ else rest(item) for i, item in enumerate(v))
 
             checks.append(items)
         if "required" in s:

@@ -15,9 +15,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from warmplan import schema as S
 from warmplan.errors import PlanError
@@ -263,13 +261,15 @@ def _suggest(word: str, options: Iterable[str]) -> str:
 
 def _report_schema_error(rep: _Reporter, err: ValidationError) -> None:
     path = tuple(err.absolute_path)
+    instance: Any = err.instance
+    expected_value: Any = err.validator_value
     schema = err.schema if isinstance(err.schema, dict) else {}
     v = err.validator
     if v == "oneOf":
         # Pick the branch meant by the value (a step's kind, an expansion's key) and
         # report its own errors; otherwise say what the alternatives were.
         branches = schema.get("oneOf", [])
-        inst = err.instance
+        inst = instance
         chosen = _choose_branch(branches, inst)
         if chosen is not None:
             sub = [e for e in err.context or [] if e.relative_schema_path and e.relative_schema_path[0] == chosen]
@@ -290,57 +290,57 @@ def _report_schema_error(rep: _Reporter, err: ValidationError) -> None:
         return
     if v == "additionalProperties":
         props = schema.get("properties", {})
-        inst = err.instance if isinstance(err.instance, dict) else {}
+        inst = instance if isinstance(instance, dict) else {}
         for key in inst:
             if key not in props:
                 rep.add((*path, key), f"unknown key {key!r}{_suggest(key, props)}; expected one of {', '.join(props)}", at_key=True)
         return
     if v == "required":
-        missing = [k for k in schema.get("required", []) if k not in (err.instance or {})]
+        missing = [k for k in schema.get("required", []) if k not in (instance or {})]
         for key in missing:
             rep.add(path, f"missing required key {key!r}")
         return
     if v == "type":
-        expected = err.validator_value
+        expected = expected_value
         words = " or ".join(_TYPE_WORDS.get(t, t) for t in ([expected] if isinstance(expected, str) else expected))
-        rep.add(path, f"expected {words}, found {_show(err.instance)}")
+        rep.add(path, f"expected {words}, found {_show(instance)}")
         return
     if v == "enum":
-        options = [str(o) for o in err.validator_value]
-        hint = _suggest(str(err.instance), options) if isinstance(err.instance, str) else ""
-        rep.add(path, f"expected one of {', '.join(options)}, found {_show(err.instance)}{hint}")
+        options = [str(o) for o in expected_value]
+        hint = _suggest(str(instance), options) if isinstance(instance, str) else ""
+        rep.add(path, f"expected one of {', '.join(options)}, found {_show(instance)}{hint}")
         return
     if v == "const":
-        rep.add(path, f"expected {err.validator_value!r}, found {_show(err.instance)}")
+        rep.add(path, f"expected {expected_value!r}, found {_show(instance)}")
         return
     if v in ("minimum", "exclusiveMinimum", "maximum"):
         op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<="}[str(v)]
         word = "an integer" if schema.get("type") == "integer" else "a number"
-        rep.add(path, f"expected {word} {op} {err.validator_value}, found {_show(err.instance)}")
+        rep.add(path, f"expected {word} {op} {expected_value}, found {_show(instance)}")
         return
     if v in ("minItems", "maxItems"):
-        n = err.validator_value
+        n = expected_value
         what = "at least" if v == "minItems" else "at most"
         if schema.get("minItems") == schema.get("maxItems"):
             what = "exactly"
-        rep.add(path, f"expected {what} {n} item{'s' if n != 1 else ''}, found {len(err.instance)}")
+        rep.add(path, f"expected {what} {n} item{'s' if n != 1 else ''}, found {len(instance)}")
         return
     if v == "items" and schema.get("items") is False:
-        rep.add(path, f"expected exactly {len(schema.get('prefixItems', []))} items, found {len(err.instance)}")
+        rep.add(path, f"expected exactly {len(schema.get('prefixItems', []))} items, found {len(instance)}")
         return
     if v == "uniqueItems":
-        rep.add(path, f"expected unique items, found duplicates in {err.instance!r}")
+        rep.add(path, f"expected unique items, found duplicates in {instance!r}")
         return
     if v == "pattern":
         if path and path[-1] == "device_capability":
-            rep.add(path, f"expected major.minor such as '9.0', found {_show(err.instance)}")
-        elif path and path[-1] == "id" or path == ("name",):
-            rep.add(path, f"expected an id of lower-case letters, digits, '-', '_' or '.', found {_show(err.instance)}")
+            rep.add(path, f"expected major.minor such as '9.0', found {_show(instance)}")
+        elif (path and path[-1] == "id") or path == ("name",):
+            rep.add(path, f"expected an id of lower-case letters, digits, '-', '_' or '.', found {_show(instance)}")
         else:
-            rep.add(path, f"expected a value matching {err.validator_value}, found {_show(err.instance)}")
+            rep.add(path, f"expected a value matching {expected_value}, found {_show(instance)}")
         return
     if v == "propertyNames":
-        rep.add(path, f"invalid name {err.instance!r}")
+        rep.add(path, f"invalid name {instance!r}")
         return
     if v == "minLength":
         rep.add(path, "expected a non-empty string, found ''")

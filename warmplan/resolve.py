@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warmplan.errors import PlanError
-from warmplan.plan import AutotuneStep, DummyRunStep, Gates, Plan, RunSpec, SlotMappingStep, expand_tokens
+from warmplan.plan import (
+    AutotuneStep,
+    DummyRunStep,
+    Gates,
+    Plan,
+    RunSpec,
+    SlotMappingStep,
+    expand_tokens,
+)
 from warmplan.workers.base import Facts, Limits, Shape
 
 
@@ -157,7 +165,7 @@ def gate_failure(gates: Gates, facts: Facts) -> str | None:
     if gates.pooling is not None and facts.pooling != gates.pooling:
         return f"gate pooling: needs {'a' if gates.pooling else 'a non-'}pooling model, worker's is {'' if facts.pooling else 'not '}pooling"
     for name, accepted in gates.flag.items():
-        state: bool | str = facts.flags[name] if name in facts.flags else "unset"
+        state: bool | str = facts.flags.get(name, "unset")
         if not any(state is a or state == a for a in accepted if isinstance(a, bool) == isinstance(state, bool)):
             want = " or ".join(str(a).lower() for a in accepted)
             return f"gate flag: {name} must be {want}, worker's is {str(state).lower()}"

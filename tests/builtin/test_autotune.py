@@ -85,4 +85,13 @@ def test_triton_unavailable_on_cpu(eager_worker: BuiltinWorker) -> None:
     assert backend.export() == b""
     with pytest.raises(AutotuneLoadError):
         backend.load(b"{}")
-    assert eager_worker.autotune_backend("flashinfer") is None
+    assert eager_worker.autotune_backend("nope") is None
+
+
+def test_flashinfer_unavailable_on_cpu_says_why(eager_worker: BuiltinWorker) -> None:
+    """On a CPU the flashinfer backend exists but says the engine calls no FlashInfer op, and why."""
+    backend = eager_worker.autotune_backend("flashinfer")
+    assert backend is not None
+    assert backend.unavailable_reason() == "the built-in engine calls no FlashInfer op: FlashInfer GEMMs need CUDA, the engine runs on cpu"
+    with pytest.raises(AutotuneLoadError):
+        backend.load(b"{}")

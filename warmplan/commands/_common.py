@@ -54,7 +54,7 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
     # torch warns at import when numpy is absent; warmplan never needs numpy.
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise UserError("warmplan run needs torch: pip install torch (the README pins torch==2.13.0 for CPU machines)") from None
     if device == "cuda":

@@ -9,7 +9,13 @@ import argparse
 import sys
 from typing import Any
 
-from warmplan.commands._common import add_worker_options, load_plan_or_exit, make_worker, print_table, tokens_text
+from warmplan.commands._common import (
+    add_worker_options,
+    load_plan_or_exit,
+    make_worker,
+    print_table,
+    tokens_text,
+)
 from warmplan.errors import StepError
 
 

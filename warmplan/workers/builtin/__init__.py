@@ -22,7 +22,11 @@ from warmplan.workers.builtin.config import (
 
 if TYPE_CHECKING:
     from warmplan.dist import World
-    from warmplan.workers.builtin.attention import ATTENTION_BACKENDS, DENSE_BACKEND, SPARSE_MLA_BACKEND
+    from warmplan.workers.builtin.attention import (
+        ATTENTION_BACKENDS,
+        DENSE_BACKEND,
+        SPARSE_MLA_BACKEND,
+    )
     from warmplan.workers.builtin.worker import BuiltinWorker
 
 __all__ = [

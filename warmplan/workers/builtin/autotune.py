@@ -212,3 +212,45 @@ class TritonAutotuneBackend:
                 raise AutotuneLoadError(f"bad triton config for kernel {name!r}: {exc!r}") from None
         for tuner, key, config in installs:
             tuner.cache[key] = config
+
+
+class UnavailableBackend:
+    """A backend this engine cannot tune, that says why (the autotune step skips with it)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self._name = name
+        self._reason = reason
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return "unavailable"
+
+    def unavailable_reason(self) -> str | None:
+        return self._reason
+
+    def metadata(self) -> Mapping[str, str]:
+        return {}
+
+    @contextlib.contextmanager
+    def tuning(self) -> Iterator[None]:
+        raise AutotuneLoadError(self._reason)
+        yield  # pragma: no cover
+
+    def export(self) -> bytes:
+        return b""
+
+    def load(self, payload: bytes) -> None:
+        raise AutotuneLoadError(self._reason)
+
+
+def flashinfer_backend(runner: ModelRunner) -> Any:
+    """FlashInfer's autotuner over the engine's ``mm_bf16`` GEMMs, or why there is none."""
+    if not runner.flashinfer_gemm:
+        return UnavailableBackend("flashinfer", f"the built-in engine calls no FlashInfer op: {runner.flashinfer_gemm_reason}")
+    from warmplan.autotune.flashinfer import FlashInferBackend
+
+    return FlashInferBackend()

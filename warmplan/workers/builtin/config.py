@@ -20,6 +20,7 @@ Device = Literal["auto", "cpu", "cuda"]
 PRESETS: Final[tuple[str, ...]] = ("dense", "sparse-mla")
 DTYPES: Final[tuple[str, ...]] = ("auto", "float32", "bfloat16", "float16")
 DEVICES: Final[tuple[str, ...]] = ("auto", "cpu", "cuda")
+GEMM_BACKENDS: Final[tuple[str, ...]] = ("auto", "torch", "flashinfer")
 
 _POS_INT: Final[dict[str, Any]] = {"type": "integer", "minimum": 1}
 
@@ -57,6 +58,10 @@ CONFIG_FIELDS: Final[dict[str, tuple[dict[str, Any], str]]] = {
         "Static-shape graph sizes; a batch is padded up to the next one, larger batches use the dynamic graph.",
     ),
     "seed": ({"type": "integer", "minimum": 0}, "Seed the weights are drawn from (no downloads)."),
+    "gemm_backend": (
+        {"enum": list(GEMM_BACKENDS)},
+        "MLP matrix products: torch, or FlashInfer's mm_bf16 (cuBLASLt, autotunable; CUDA and bfloat16 only); auto = flashinfer where it can run.",
+    ),
     "kv_lora_rank": (_POS_INT, "sparse-mla: width of the compressed latent KV cached per token."),
     "qk_rope_head_dim": (_POS_INT, "sparse-mla: rotary part of each query/key (even)."),
     "index_topk": (_POS_INT, "sparse-mla: cached tokens the indexer keeps per query."),
@@ -107,6 +112,7 @@ class EngineConfig:
     max_num_seqs: int = 16
     compile_sizes: tuple[int, ...] = field(default_factory=_default_compile_sizes)
     seed: int = 0
+    gemm_backend: str = "auto"
     kv_lora_rank: int = 64
     qk_rope_head_dim: int = 16
     index_topk: int = 64
@@ -118,6 +124,8 @@ class EngineConfig:
             raise ValueError(f'"preset" must be one of {", ".join(PRESETS)}: {self.preset!r}')
         if self.dtype not in DTYPES:
             raise ValueError(f'"dtype" must be one of {", ".join(DTYPES)}: {self.dtype!r}')
+        if self.gemm_backend not in GEMM_BACKENDS:
+            raise ValueError(f'"gemm_backend" must be one of {", ".join(GEMM_BACKENDS)}: {self.gemm_backend!r}')
         if self.device not in DEVICES:
             raise ValueError(f'"device" must be one of {", ".join(DEVICES)}: {self.device!r}')
         for name, (snippet, _) in CONFIG_FIELDS.items():

@@ -63,15 +63,61 @@ class _Params:
         return nn.Parameter(w.to(device=self.device, dtype=self.dtype), requires_grad=False)
 
 
-class Mlp(nn.Module):
-    """SwiGLU MLP with a fused gate/up projection."""
+@torch.library.custom_op("warmplan::flashinfer_mm_bf16", mutates_args=())
+def flashinfer_mm_bf16(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
+    """``a @ b_nk.T`` through FlashInfer's ``mm_bf16`` on cuBLASLt.
 
-    def __init__(self, cfg: EngineConfig, p: _Params) -> None:
+    A custom op, so compiled graphs call it as one opaque node and FlashInfer's
+    autotuner (``flashinfer.autotuner.autotune``) sees every call at run time. The
+    weight is kept ``[N, K]`` contiguous: ``b_nk.T`` is the column-major ``[K, N]``
+    operand mm_bf16 expects.
+    """
+    import flashinfer
+
+    out: torch.Tensor = flashinfer.mm_bf16(a.contiguous(), b_nk.t(), backend="cublaslt")
+    return out
+
+
+@flashinfer_mm_bf16.register_fake
+def _(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
+    return a.new_empty((a.shape[0], b_nk.shape[0]))
+
+
+def flashinfer_gemm_usable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """``None`` when FlashInfer's bf16 GEMM can run here, else why not."""
+    if device.type != "cuda":
+        return f"FlashInfer GEMMs need CUDA, the engine runs on {device.type}"
+    if dtype != torch.bfloat16:
+        return f"FlashInfer's mm_bf16 needs bfloat16, the engine runs {str(dtype).removeprefix('torch.')}"
+    import importlib.util
+
+    if importlib.util.find_spec("flashinfer") is None:
+        return "flashinfer is not installed (pip install 'warmplan[flashinfer]')"
+    return None
+
+
+class Mlp(nn.Module):
+    """SwiGLU MLP with a fused gate/up projection.
+
+    With ``flashinfer=True`` both products run through FlashInfer's ``mm_bf16``
+    (cuBLASLt), the op the ``flashinfer`` autotune backend tunes on this engine.
+    """
+
+    def __init__(self, cfg: EngineConfig, p: _Params, *, flashinfer: bool = False) -> None:
         super().__init__()
         self.w_gate_up = p(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.w_down = p(cfg.intermediate_size, cfg.hidden_size)
+        self.flashinfer = flashinfer
+        if flashinfer:
+            # [N, K] copies for mm_bf16's column-major operand (same values).
+            self.register_buffer("w_gate_up_nk", self.w_gate_up.detach().t().contiguous(), persistent=False)
+            self.register_buffer("w_down_nk", self.w_down.detach().t().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flashinfer:
+            gate, up = flashinfer_mm_bf16(x, self.w_gate_up_nk).chunk(2, dim=-1)
+            fused: torch.Tensor = flashinfer_mm_bf16(torch.nn.functional.silu(gate) * up, self.w_down_nk)
+            return fused
         gate, up = (x @ self.w_gate_up).chunk(2, dim=-1)
         out: torch.Tensor = (torch.nn.functional.silu(gate) * up) @ self.w_down
         return out
@@ -187,13 +233,13 @@ class SparseMlaAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: EngineConfig, p: _Params, num_slots: int) -> None:
+    def __init__(self, cfg: EngineConfig, p: _Params, num_slots: int, *, flashinfer: bool = False) -> None:
         super().__init__()
         self.norm1 = p.ones(cfg.hidden_size)
         attn_cls = DenseAttention if cfg.preset == "dense" else SparseMlaAttention
         self.attn: DenseAttention | SparseMlaAttention = attn_cls(cfg, p, num_slots)
         self.norm2 = p.ones(cfg.hidden_size)
-        self.mlp = Mlp(cfg, p)
+        self.mlp = Mlp(cfg, p, flashinfer=flashinfer)
 
     def forward(
         self,
@@ -217,12 +263,20 @@ class Decoder(nn.Module):
     sin: torch.Tensor
 
     def __init__(
-        self, cfg: EngineConfig, *, device: torch.device, dtype: torch.dtype, num_slots: int
+        self,
+        cfg: EngineConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_slots: int,
+        flashinfer_gemm: bool = False,
     ) -> None:
         super().__init__()
         p = _Params(cfg.seed, dtype, device)
         self.embed = p(cfg.vocab_size, cfg.hidden_size, fan_in=1)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, p, num_slots) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, p, num_slots, flashinfer=flashinfer_gemm) for _ in range(cfg.num_layers)
+        )
         self.norm = p.ones(cfg.hidden_size)
         self.lm_head = p(cfg.hidden_size, cfg.vocab_size)
         rot = cfg.head_dim if cfg.preset == "dense" else cfg.qk_rope_head_dim

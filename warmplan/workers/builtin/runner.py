@@ -24,7 +24,7 @@ from warmplan.workers.builtin.attention import ATTENTION_IMPLS, DEFAULT_IMPL
 from warmplan.workers.builtin.block_table import BlockPool
 from warmplan.workers.builtin.config import EngineConfig
 from warmplan.workers.builtin.kernels import Kernels, next_power_of_two, slot_mapping_torch
-from warmplan.workers.builtin.model import Decoder
+from warmplan.workers.builtin.model import Decoder, flashinfer_gemm_usable
 
 DECODE_CONTEXT: Final = 16
 """Tokens already cached before each synthetic decode of a dummy run."""
@@ -121,8 +121,20 @@ class ModelRunner:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.num_slots = cfg.num_blocks * cfg.block_size
+        # FlashInfer's mm_bf16 for the MLP where it can run (CUDA, bf16, installed),
+        # so that the flashinfer autotune backend tunes an op the engine really calls.
+        self.flashinfer_gemm_reason = flashinfer_gemm_usable(self.device, self.dtype)
+        if cfg.gemm_backend == "flashinfer" and self.flashinfer_gemm_reason:
+            raise ValueError(f'"gemm_backend" is flashinfer, but {self.flashinfer_gemm_reason}')
+        if cfg.gemm_backend == "torch":
+            self.flashinfer_gemm_reason = "the engine's gemm_backend is torch"
+        self.flashinfer_gemm = self.flashinfer_gemm_reason is None
         self.model = Decoder(
-            cfg, device=self.device, dtype=self.dtype, num_slots=self.num_slots
+            cfg,
+            device=self.device,
+            dtype=self.dtype,
+            num_slots=self.num_slots,
+            flashinfer_gemm=self.flashinfer_gemm
         ).eval()
         self.pool = BlockPool(cfg.num_blocks, cfg.block_size)
         self.compiled = compile

@@ -18,7 +18,11 @@ from warmplan.workers.base import (
     Shape,
     WorkerInfo,
 )
-from warmplan.workers.builtin.autotune import BuiltinAutotuneBackend, TritonAutotuneBackend
+from warmplan.workers.builtin.autotune import (
+    BuiltinAutotuneBackend,
+    TritonAutotuneBackend,
+    flashinfer_backend,
+)
 from warmplan.workers.builtin.config import EngineConfig
 from warmplan.workers.builtin.runner import ModelRunner
 
@@ -60,6 +64,7 @@ class BuiltinWorker:
         self._backends: dict[str, AutotuneBackend] = {
             "builtin": BuiltinAutotuneBackend(self.runner),
             "triton": TritonAutotuneBackend(self.runner),
+            "flashinfer": flashinfer_backend(self.runner),
         }
 
     @property
