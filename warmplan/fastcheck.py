@@ -42,6 +42,57 @@ def num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _conjunction(checks: list[Check]) -> Check:
+    """All of ``checks``, without a generator per call (this is the hot path)."""
+    if not checks:
+        return lambda v: True
+    if len(checks) == 1:
+        return checks[0]
+    if len(checks) == 2:
+        a, b = checks
+        return lambda v: a(v) and b(v)
+    if len(checks) == 3:
+        a, b, c = checks
+        return lambda v: a(v) and b(v) and c(v)
+
+    def every(v: Any) -> bool:
+        for check in checks:
+            if not check(v):
+                return False
+        return True
+
+    return every
+
+
+def _deref(root: Mapping[str, Any], s: Any) -> Any:
+    while isinstance(s, dict) and "$ref" in s and len(s) == 1:
+        node: Any = root
+        for part in s["$ref"].removeprefix("#/").split("/"):
+            node = node[part]
+        s = node
+    return s
+
+
+def _discriminator(root: Mapping[str, Any], branches: list[Any]) -> tuple[str, list[str]] | None:
+    """``(property, [const of each branch])`` when every branch is an object that
+    requires ``property`` with a distinct string const; else ``None``."""
+    first = _deref(root, branches[0]) if branches else None
+    if not isinstance(first, dict):
+        return None
+    for prop in first.get("required", []):
+        values: list[str] = []
+        for b in branches:
+            d = _deref(root, b)
+            const = d.get("properties", {}).get(prop, {}).get("const") if isinstance(d, dict) else None
+            if d.get("type") != "object" or prop not in d.get("required", []) or not isinstance(const, str):
+                break
+            values.append(const)
+        else:
+            if len(set(values)) == len(values):
+                return prop, values
+    return None
+
+
 def compile_schema(root: Mapping[str, Any]) -> Check:
     """Compile ``root`` into a function ``data -> bool``."""
     refs: dict[str, Check] = {}
@@ -78,7 +129,11 @@ def compile_schema(root: Mapping[str, Any]) -> Check:
             checks.append(lambda v: _equal(v, const))
         if "enum" in s:
             options = list(s["enum"])
-            checks.append(lambda v: any(_equal(v, o) for o in options))
+            if all(isinstance(o, str) for o in options):
+                strings = frozenset(options)
+                checks.append(lambda v: isinstance(v, str) and v in strings)
+            else:
+                checks.append(lambda v: any(_equal(v, o) for o in options))
         if "minimum" in s:
             lo = s["minimum"]
             checks.append(lambda v: not num(v) or v >= lo)
@@ -118,29 +173,56 @@ def compile_schema(root: Mapping[str, Any]) -> Check:
             checks.append(lambda v: not isinstance(v, dict) or all(k in v for k in req))
         if "properties" in s or "additionalProperties" in s or "propertyNames" in s:
             props = {k: build(p) for k, p in s.get("properties", {}).items()}
-            extra = build(s["additionalProperties"]) if "additionalProperties" in s else (lambda v: True)
-            names = build(s["propertyNames"]) if "propertyNames" in s else (lambda v: True)
-
-            def obj(v: Any) -> bool:
-                if not isinstance(v, dict):
-                    return True
-                for k, item in v.items():
-                    check = props.get(k)
-                    if check is None:
-                        if not extra(item):
+            if s.get("additionalProperties") is False and "propertyNames" not in s:
+                # The common, strict case: every key must be a known property.
+                def strict(v: Any) -> bool:
+                    if not isinstance(v, dict):
+                        return True
+                    for k, item in v.items():
+                        check = props.get(k)
+                        if check is None or not check(item):
                             return False
-                    elif not check(item):
-                        return False
-                    if not names(k):
-                        return False
-                return True
+                    return True
 
-            checks.append(obj)
+                checks.append(strict)
+            else:
+                extra = build(s["additionalProperties"]) if "additionalProperties" in s else (lambda v: True)
+                names = build(s["propertyNames"]) if "propertyNames" in s else (lambda v: True)
+
+                def obj(v: Any) -> bool:
+                    if not isinstance(v, dict):
+                        return True
+                    for k, item in v.items():
+                        check = props.get(k)
+                        if check is None:
+                            if not extra(item):
+                                return False
+                        elif not check(item):
+                            return False
+                        if not names(k):
+                            return False
+                    return True
+
+                checks.append(obj)
         if "oneOf" in s:
             branches = [build(b) for b in s["oneOf"]]
-            checks.append(lambda v: sum(1 for b in branches if b(v)) == 1)
-        if len(checks) == 1:
-            return checks[0]
-        return lambda v: all(c(v) for c in checks)
+            tags = _discriminator(root, s["oneOf"])
+            if tags is not None:
+                # Branches keyed by a required property's const (a step's kind): at most
+                # one can match, so dispatch on the value instead of trying them all.
+                prop, by_value = tags
+                table = dict(zip(by_value, branches, strict=True))
+
+                def one_of(v: Any) -> bool:
+                    if not isinstance(v, dict):
+                        return False
+                    tag = v.get(prop)
+                    branch = table.get(tag) if isinstance(tag, str) else None
+                    return branch is not None and branch(v)
+
+                checks.append(one_of)
+            else:
+                checks.append(lambda v: sum(1 for b in branches if b(v)) == 1)
+        return _conjunction(checks)
 
     return build(root)
