@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 
-
 @pytest.fixture
 def write_plan(tmp_path: Path) -> Callable[[str, str], Path]:
     """Write plan text to ``tmp_path/name`` and return its path."""

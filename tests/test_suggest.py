@@ -46,6 +46,22 @@ def test_shape_of_each_batch_kind() -> None:
         ("plain", 0),
         ("single_prefill", 0),
     ]
+    assert shape_of(Batch(decode=8, prefill=(PrefillChunk(504, 1008),))) == ("mixed", 1008)
+
+
+def test_mixed_batch_after_context_keeps_its_prior_context() -> None:
+    """Decodes riding along a later chunk of a long prompt: mixed with prior_context."""
+    batches = [Batch(decode=8, prefill=(PrefillChunk(504, 1008),))]
+    (_, run) = suggest([_event(0)], batches)
+    assert run.to_step() | {"description": ""} == {
+        "id": "suggested-mixed-512-ctx-1008",
+        "kind": "dummy_run",
+        "shape": "mixed",
+        "tokens": 512,
+        "prior_context": 1008,
+        "force_attention": True,
+        "description": "",
+    }
 
 
 def test_one_slot_mapping_step_and_one_dummy_run_per_shape() -> None:

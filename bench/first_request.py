@@ -1,0 +1,259 @@
+"""What warmup buys: the first request of every shape a plan covers, with and without it.
+
+For each shape the plan covers (each slot-mapping token count, each dummy-run shape
+and size, after clamping to the worker), measured in fresh processes so that no
+in-memory cache carries over, each with empty on-disk caches (its own
+TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR):
+
+* ``cold``   - the shape's first call in a process that ran no warmup;
+* ``warm``   - its first call after the whole plan ran (in one process for all
+  shapes, or one each with ``--isolate``);
+* ``steady`` - the median of ``--repeat`` further calls.
+
+A dummy-run shape is called the way serving would (``worker.execute`` of the batch
+the engine's dummy run builds) when the worker can; a slot-mapping size through
+``worker.slot_mapping``. Prints a table with the ratios warm/steady and cold/steady,
+and the compiles the monitor saw in each first call.
+
+    python bench/first_request.py --plan plans/builtin-smoke.yaml --device cpu
+    python bench/first_request.py --plan plans/dense-llm.yaml --device cuda --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+Shape = dict[str, Any]  # {"step", "kind", "shape", "tokens", "prior_context", "label"}
+
+
+# -- in the child process ---------------------------------------------------------------
+
+
+def _make_worker(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """The plan and a built-in engine for it, as ``warmplan run`` builds them (one rank)."""
+    from warmplan.commands._common import load_plan_or_exit, read_model_config
+    from warmplan.workers.builtin import build_worker
+
+    plan = load_plan_or_exit(spec["plan"])
+    config = {**plan.builtin, **read_model_config(spec.get("model_config"))}
+    if spec["device"] == "auto":
+        config.pop("device", None)
+    return plan, build_worker(config, device=spec["device"])
+
+
+def plan_shapes(plan: Any, worker: Any) -> list[Shape]:
+    """Every shape the plan covers on ``worker``, after clamping; duplicates once."""
+    from warmplan.executor import resolve_for
+
+    resolved = resolve_for(plan, worker)
+    out: list[Shape] = []
+    seen: set[tuple[Any, ...]] = set()
+    for step in resolved.steps:
+        if step.skipped is not None or step.kind not in ("slot_mapping", "dummy_run"):
+            continue
+        for n in step.applied:
+            key = (step.kind, step.shape, n, step.prior_context)
+            if key in seen:
+                continue
+            seen.add(key)
+            if step.kind == "slot_mapping":
+                label = f"slot_mapping {n}"
+            else:
+                ctx = f" ctx {step.prior_context}" if step.prior_context else ""
+                label = f"{step.shape} {n}{ctx}"
+            out.append({
+                "step": step.id, "kind": step.kind, "shape": step.shape, "tokens": n,
+                "prior_context": step.prior_context, "label": label,
+            })
+    return out
+
+
+def _batch_for(shape: Shape, max_num_seqs: int) -> Any:
+    """The batch the built-in engine's dummy run builds for ``shape`` (runner.dummy_specs)."""
+    from warmplan.workers.base import Batch, PrefillChunk
+
+    n, prior = shape["tokens"], shape["prior_context"]
+    if shape["shape"] == "mixed":
+        dec = min(n // 2, max_num_seqs - 1)
+        return Batch(decode=dec, prefill=(PrefillChunk(n - dec, prior),))
+    if shape["shape"] == "single_prefill":
+        return Batch(prefill=(PrefillChunk(n, prior),))
+    if shape["shape"] == "uniform_decode":
+        return Batch(decode=min(n, max_num_seqs))
+    return Batch(prefill=(PrefillChunk(n, 0),))
+
+
+def _caller(worker: Any, shape: Shape, how: str) -> Any:
+    from warmplan.workers.base import ServingWorker
+
+    if shape["kind"] == "slot_mapping":
+        return lambda: worker.slot_mapping(shape["tokens"])
+    if how == "execute" and isinstance(worker, ServingWorker):
+        batch = _batch_for(shape, worker.limits.max_num_seqs)
+        return lambda: worker.execute(batch)
+    return lambda: worker.dummy_run(
+        shape["shape"], shape["tokens"], prior_context=shape["prior_context"], force_attention=True
+    )
+
+
+def _timed(worker: Any, call: Any) -> float:
+    started = time.perf_counter()
+    call()
+    worker.synchronize()
+    return time.perf_counter() - started
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement (``spec['mode']`` cold or warm) and return its numbers."""
+    from warmplan.log import configure
+    from warmplan.monitor import JitMonitor
+
+    configure("console", "warning")
+    started = time.perf_counter()
+    plan, worker = _make_worker(spec)
+    shapes = spec.get("shapes") or plan_shapes(plan, worker)
+    build_s = time.perf_counter() - started
+    out: dict[str, Any] = {"mode": spec["mode"], "build_s": build_s, "shapes": []}
+    with JitMonitor() as monitor:
+        if spec["mode"] == "warm":
+            from warmplan.executor import run_plan
+
+            started = time.perf_counter()
+            run_plan(plan, worker, monitor=monitor)
+            out["warmup_s"] = time.perf_counter() - started
+            out["warmup_compiles"] = monitor.compiles()
+        for i, shape in enumerate(shapes):
+            call = _caller(worker, shape, spec.get("call", "execute"))
+            label = f"first[{i}]"
+            with monitor.attribute(label), worker.preserve_state():
+                first = _timed(worker, call)
+            steady = []
+            with worker.preserve_state():
+                for _ in range(spec["repeat"]):
+                    steady.append(_timed(worker, call))
+            out["shapes"].append({
+                **shape, "first_s": first, "steady_s": statistics.median(steady) if steady else None,
+                "compiles": monitor.compiles(label), "cache_loads": monitor.cache_loads(label),
+            })
+    return out
+
+
+# -- in the parent ----------------------------------------------------------------------
+
+
+def _run_child(spec: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="warmplan-bench-") as tmp:
+        env = dict(os.environ)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
+        env["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton")
+        env["PYTHONWARNINGS"] = "ignore"
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+            env=env, capture_output=True, text=True, timeout=timeout_s, check=False,
+        )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"first_request: a {spec['mode']} measurement failed (exit {proc.returncode})")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds * 1000:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or not b:
+        return ""
+    return f"{a / b:.1f}x"
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    base = {
+        "plan": str(args.plan), "device": args.device, "model_config": args.model_config,
+        "repeat": args.repeat, "call": args.call,
+    }
+    list_spec = {**base, "mode": "cold", "repeat": 0, "shapes": None, "list_only": True}
+    shapes: list[Shape] = _run_child(list_spec, timeout_s=args.timeout)["shapes"]
+    if args.only:
+        shapes = [s for s in shapes if any(word in s["label"] for word in args.only)]
+    if args.isolate:
+        warm = [_run_child({**base, "mode": "warm", "shapes": [s]}, timeout_s=args.timeout)["shapes"][0] for s in shapes]
+        warmup_s = None
+    else:
+        run = _run_child({**base, "mode": "warm", "shapes": shapes}, timeout_s=args.timeout)
+        warm, warmup_s = run["shapes"], run.get("warmup_s")
+    cold = [_run_child({**base, "mode": "cold", "shapes": [s]}, timeout_s=args.timeout)["shapes"][0] for s in shapes]
+    rows = []
+    for s, w, c in zip(shapes, warm, cold, strict=True):
+        steady = w["steady_s"] if w["steady_s"] is not None else c["steady_s"]
+        rows.append({
+            "shape": s["label"], "step": s["step"],
+            "cold_ms": _ms(c["first_s"]), "cold_compiles": c["compiles"],
+            "warm_ms": _ms(w["first_s"]), "warm_compiles": w["compiles"],
+            "steady_ms": _ms(steady),
+            "warm/steady": _ratio(w["first_s"], steady), "cold/steady": _ratio(c["first_s"], steady),
+            "_cold_s": c["first_s"], "_warm_s": w["first_s"], "_steady_s": steady,
+        })
+    return {**base, "warmup_s": warmup_s, "rows": rows}
+
+
+COLUMNS = ["shape", "cold_ms", "cold_compiles", "warm_ms", "warm_compiles", "steady_ms", "warm/steady", "cold/steady"]
+
+
+def render(result: dict[str, Any]) -> str:
+    cells = [COLUMNS] + [[str(r[c]) for c in COLUMNS] for r in result["rows"]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.rjust(widths[i]) if i else cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    head = f"plan {result['plan']} on {result['device']}, steady = median of {result['repeat']} calls"
+    if result.get("warmup_s") is not None:
+        head += f"; the plan ran in {result['warmup_s']:.2f}s"
+    return head + "\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", default=str(ROOT / "plans" / "builtin-smoke.yaml"))
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--model-config", metavar="FILE")
+    parser.add_argument("--repeat", type=int, default=20, help="steady-state calls per shape (median)")
+    parser.add_argument("--call", choices=["execute", "step"], default="execute", help="execute: a serving batch of the shape; step: the step's own call")
+    parser.add_argument("--isolate", action="store_true", help="one fresh process per shape for the warm measurement too")
+    parser.add_argument("--only", nargs="*", metavar="WORD", help="measure only shapes whose label contains a WORD")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
+    parser.add_argument("--json", metavar="FILE", help="also write the numbers here")
+    parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        if spec.get("list_only"):
+            plan, worker = _make_worker(spec)
+            print(json.dumps({"shapes": plan_shapes(plan, worker)}))
+        else:
+            print(json.dumps(child(spec)))
+        return 0
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1: {args.repeat}")
+    result = measure(args)
+    print(render(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
