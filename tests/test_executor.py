@@ -20,7 +20,7 @@ NO_FI = {"enable_flashinfer_autotune": False}
 
 def test_dsv4_calls_in_order() -> None:
     """dsv4 on a Hopper-like worker: the three sparse-MLA shapes, then the slot-mapping fan."""
-    worker = RecordingWorker(max_num_tokens=8192, max_num_batched_tokens=2048, flags=NO_FI)
+    worker = RecordingWorker(max_num_tokens=8192, max_num_batched_tokens=2048, flags=NO_FI, attention_backends=("V4_FLASHMLA_SPARSE",))
     run_plan(DSV4, worker)
     mixed = {"shape": "mixed", "num_tokens": 16, "prior_context": 0, "force_attention": True}
     prefill = {"shape": "single_prefill", "num_tokens": 2048, "prior_context": 0, "force_attention": True}
@@ -68,7 +68,8 @@ def test_skips_are_reported_with_reasons() -> None:
         "sparse-mla-decode-autotune": "gate device_capability_family: needs 120, worker has no CUDA capability (cpu)",
         "flashinfer-autotune": "gate device_capability: needs >= 9.0, worker has no CUDA capability (cpu)",
     }
-    assert [c.args["num_tokens"] for c in worker.calls_named("dummy_run")] == [16, 512, 512]
+    # The three sparse-MLA shapes, then the built-in engine's compile sizes.
+    assert [c.args["num_tokens"] for c in worker.calls_named("dummy_run")] == [16, 512, 512, 1, 2, 4, 8, 32, 64, 128, 256]
 
 
 @pytest.mark.parametrize(("method", "step_id"), [("slot_mapping", "fan"), ("dummy_run", "run2")])

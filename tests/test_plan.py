@@ -43,7 +43,12 @@ def test_dsv4_records() -> None:
         "sparse-mla-second-chunk",
         "slot-mapping",
         "flashinfer-autotune",
+        *[f"builtin-decode-{n}" for n in (1, 2, 4, 8, 32, 64)],
+        "builtin-batch-128",
+        "builtin-batch-256",
     ]
+    # The built-in engine's compile-size steps are gated off every other worker.
+    assert all(s.when.attention_backend == ("BUILTIN_SPARSE_MLA",) for s in plan.steps[6:])
     slot = plan.steps[4]
     assert isinstance(slot, SlotMappingStep)
     assert expand_tokens(slot.tokens) == [*range(1, 17), 32, 64, 128, 256, 512]

@@ -81,6 +81,35 @@ def chunk_metadata_torch(
     return positions, chunk + req_offset, lo, lo + positions
 
 
+def chunk_metadata_static(
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    kv_start: torch.Tensor,
+    token_index: torch.Tensor,
+    req_offset: torch.Tensor,
+    has_prior_context: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``chunk_metadata_torch`` over whole, fixed-size buffers (the compiled CPU path).
+
+    ``query_start_loc`` holds all ``max_num_seqs + 1`` entries, padded with its last
+    value; ``context_lens`` / ``kv_start`` are indexed by request (``req_offset`` is
+    the first prefill request, a 0-d tensor); ``token_index`` is ``arange`` of the
+    token buffer. Every shape is fixed and no int is an argument, so the only
+    compiled variants are the two of ``has_prior_context`` (dynamo would otherwise
+    specialise on one chunk vs several, and on an int offset of 0 or 1). Entries past
+    the prefill tokens are garbage the caller does not copy.
+    """
+    last = query_start_loc.numel() - 2
+    chunk = torch.searchsorted(query_start_loc[1:], token_index, right=True).clamp(max=last)
+    positions = token_index - query_start_loc[chunk]
+    req = chunk + req_offset
+    safe = req.clamp(max=context_lens.numel() - 1)
+    if has_prior_context:
+        positions = positions + context_lens[safe]
+    lo = kv_start[safe]
+    return positions, req, lo, lo + positions
+
+
 # Three top-level functions, three code objects: dynamo keeps its compile cache per
 # code object, so each class gets its own graph(s) rather than sharing guards.
 def _slot_mapping_one(
@@ -134,7 +163,12 @@ if triton is not None:
         blk = tl.load(bt_ptr + req * bt_stride + pos // block_size, mask=mask, other=0)
         tl.store(out_ptr + offs, blk * block_size + pos % block_size, mask=mask)
 
-    @triton.jit  # type: ignore[untyped-decorator]
+    # Only HAS_PRIOR_CONTEXT may pick the variant (as in vLLM's
+    # _build_prefill_chunk_metadata_kernel). The kernel gets whole buffers plus the
+    # index of the first prefill request, which is not specialised: sliced pointers
+    # would add 16-byte-alignment variants and a plain int its ==1 / %16 classes, so
+    # the number of decodes riding with a prefill would choose kernels no plan names.
+    @triton.jit(do_not_specialize=["req_offset"])  # type: ignore[untyped-decorator]
     def _chunk_metadata_kernel(  # type: ignore[no-untyped-def]  # Triton signatures are untyped
         qsl_ptr,
         ctx_ptr,
@@ -147,20 +181,24 @@ if triton is not None:
         HAS_PRIOR_CONTEXT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        # One program per prefill chunk c; request req_offset + c. Token t of the
+        # prefill region is token req_offset + t of the step (decodes come first,
+        # one token each).
         c = tl.program_id(0)
         start = tl.load(qsl_ptr + c)
         end = tl.load(qsl_ptr + c + 1)
-        kv0 = tl.load(kvs_ptr + c)
+        kv0 = tl.load(kvs_ptr + req_offset + c)
         for off in range(start, end, BLOCK):
             t = off + tl.arange(0, BLOCK)
             mask = t < end
             pos = t - start
             if HAS_PRIOR_CONTEXT:
-                pos += tl.load(ctx_ptr + c)
-            tl.store(pos_out + t, pos, mask=mask)
-            tl.store(req_out + t, (t * 0 + c + req_offset).to(tl.int64), mask=mask)
-            tl.store(lo_out + t, (t * 0 + kv0).to(tl.int64), mask=mask)
-            tl.store(hi_out + t, kv0 + pos, mask=mask)
+                pos += tl.load(ctx_ptr + req_offset + c)
+            dst = req_offset + t
+            tl.store(pos_out + dst, pos, mask=mask)
+            tl.store(req_out + dst, (t * 0 + c + req_offset).to(tl.int64), mask=mask)
+            tl.store(lo_out + dst, (t * 0 + kv0).to(tl.int64), mask=mask)
+            tl.store(hi_out + dst, kv0 + pos, mask=mask)
 
 
 def triton_autotuners() -> dict[str, Any]:
@@ -181,13 +219,39 @@ class Kernels:
         self.compiled = compiled
         self._slot: dict[str, Callable[..., torch.Tensor]] = {}
         self._meta: Callable[..., Any] = chunk_metadata_torch
+        self._whole: tuple[torch.Tensor, ...] | None = None
+        self._token_index: torch.Tensor | None = None
         if compiled and not self.use_triton:
             self._slot = {
                 "one": torch.compile(_slot_mapping_one, dynamic=False),
                 "div16": torch.compile(_slot_mapping_div16, dynamic=True),
                 "other": torch.compile(_slot_mapping_other, dynamic=True),
             }
-            self._meta = torch.compile(chunk_metadata_torch, dynamic=True)
+            self._meta = torch.compile(chunk_metadata_static, dynamic=False)
+
+    def set_step_buffers(
+        self,
+        *,
+        query_start_loc: torch.Tensor,
+        context_lens: torch.Tensor,
+        kv_start: torch.Tensor,
+        positions: torch.Tensor,
+        req_idx: torch.Tensor,
+        kv_lo: torch.Tensor,
+        kv_hi: torch.Tensor,
+    ) -> None:
+        """The runner's whole step buffers, which the Triton chunk-metadata kernel
+        indexes with an offset (never slices: see the kernel's comment)."""
+        self._token_index = torch.arange(positions.numel(), dtype=torch.int64, device=positions.device)
+        self._whole = (
+            query_start_loc,
+            context_lens,
+            kv_start,
+            positions,
+            req_idx,
+            kv_lo,
+            kv_hi,
+        )
 
     def slot_mapping(
         self,
@@ -234,11 +298,15 @@ class Kernels:
         if num_tokens == 0:
             return has_prior
         if self.use_triton:
-            pos, req, lo, hi = out
+            whole = self._whole
+            if whole is None:
+                raise ValueError("chunk_metadata on CUDA needs set_step_buffers() first")
+            # ``query_start_loc`` etc. are views of these same buffers (see the runner).
+            qsl_buf, ctx_buf, kvs_buf, pos, req, lo, hi = whole
             _chunk_metadata_kernel[(context_lens.numel(),)](
-                query_start_loc,
-                context_lens,
-                kv_start,
+                qsl_buf,
+                ctx_buf,
+                kvs_buf,
                 pos,
                 req,
                 lo,
@@ -248,15 +316,15 @@ class Kernels:
                 BLOCK=128,
             )
             return has_prior
-        # Fresh tensors: slices of the step buffers would add storage-offset guards.
-        results = self._meta(
-            query_start_loc.clone(),
-            context_lens.clone(),
-            kv_start.clone(),
-            num_tokens,
-            req_offset,
-            has_prior,
-        )
+        if not self.compiled or self._whole is None:
+            results = chunk_metadata_torch(query_start_loc, context_lens, kv_start, num_tokens, req_offset, has_prior)
+        else:
+            qsl_buf, ctx_buf, kvs_buf, *_ = self._whole
+            n_q = query_start_loc.numel()
+            qsl = qsl_buf.clone()
+            qsl[n_q:] = qsl[n_q - 1]
+            offset = torch.tensor(req_offset, dtype=torch.int64, device=qsl.device)
+            results = self._meta(qsl, ctx_buf, kvs_buf, self._token_index, offset, has_prior)
         for dst, src in zip(out, results, strict=True):
-            dst[:num_tokens].copy_(src)
+            dst[:num_tokens].copy_(src[:num_tokens])
         return has_prior

@@ -143,6 +143,16 @@ class ModelRunner:
         # topk needs at least index_topk kv entries; padding entries point at slot 0.
         self.min_kv = max(2, cfg.index_topk if cfg.preset == "sparse-mla" else 2)
         self.buffers = self._allocate_buffers()
+        b = self.buffers
+        self.kernels.set_step_buffers(
+            query_start_loc=b["query_start_loc"],
+            context_lens=b["context_lens"],
+            kv_start=b["kv_start"],
+            positions=b["positions"],
+            req_idx=b["req_idx"],
+            kv_lo=b["kv_lo"],
+            kv_hi=b["kv_hi"],
+        )
         self.recompile_limit = raise_recompile_limit(
             len(ATTENTION_IMPLS) * len(self.compile_sizes) + 8
         )

@@ -148,6 +148,10 @@ class BuiltinWorker:
     def autotune_backend(self, name: str) -> AutotuneBackend | None:
         return self._backends.get(name)
 
+    def padded_num_tokens(self, num_tokens: int) -> int:
+        """The compile size a batch of ``num_tokens`` runs at (for ``verify --suggest``)."""
+        return self.runner.padded_size(num_tokens)
+
 
 def _decode_context() -> int:
     from warmplan.workers.builtin.runner import DECODE_CONTEXT
