@@ -189,7 +189,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     list_spec = {**base, "mode": "cold", "repeat": 0, "shapes": None, "list_only": True}
     shapes: list[Shape] = _run_child(list_spec, timeout_s=args.timeout)["shapes"]
     if args.only:
-        shapes = [s for s in shapes if any(word in s["label"] for word in args.only)]
+        shapes = [s for s in shapes if any(word in s["label"] or word in s["step"] for word in args.only)]
+        if not shapes:
+            raise SystemExit(f"first_request: no shape's label or step id contains any of {args.only}")
     if args.isolate:
         warm = [_run_child({**base, "mode": "warm", "shapes": [s]}, timeout_s=args.timeout)["shapes"][0] for s in shapes]
         warmup_s = None

@@ -59,21 +59,22 @@ def test_size_classes() -> None:
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_chunk_metadata_variants(compiled: bool) -> None:
-    """HAS_PRIOR_CONTEXT picks the variant; both agree with the plain formula."""
+    """HAS_PRIOR_CONTEXT picks the variant; both agree with the plain formula, after 2 decodes."""
     kernels = Kernels(torch.device("cpu"), compiled=compiled)
-    qsl = torch.tensor([0, 3, 8])
-    kv_start = torch.tensor([10, 20])
-    outs = tuple(torch.zeros(8, dtype=torch.int64) for _ in range(4))
-    assert kernels.chunk_metadata(qsl, torch.tensor([0, 0]), kv_start, 8, 2, outs) is False
-    assert outs[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
-    assert outs[1].tolist() == [2, 2, 2, 3, 3, 3, 3, 3]
-    ctx = torch.tensor([4, 0])
-    assert kernels.chunk_metadata(qsl, ctx, kv_start, 8, 2, outs) is True
-    want = chunk_metadata_torch(qsl, ctx, kv_start, 8, 2, True)
+    # Whole step buffers: 2 decode requests first, then 2 prefill chunks of 3 and 5 tokens.
+    qsl = torch.tensor([0, 3, 8, 0, 0])
+    kv_start = torch.tensor([0, 0, 10, 20, 0])
+    outs = tuple(torch.full((12,), -1, dtype=torch.int64) for _ in range(4))
+    assert kernels.chunk_metadata(qsl, torch.tensor([9, 9, 0, 0, 0]), kv_start, 2, 8, 2, outs) is False
+    assert outs[0].tolist() == [-1, -1, 0, 1, 2, 0, 1, 2, 3, 4, -1, -1]
+    assert outs[1].tolist() == [-1, -1, 2, 2, 2, 3, 3, 3, 3, 3, -1, -1]
+    ctx = torch.tensor([9, 9, 4, 0, 0])
+    assert kernels.chunk_metadata(qsl, ctx, kv_start, 2, 8, 2, outs) is True
+    want = chunk_metadata_torch(qsl[:3], ctx[2:4], kv_start[2:4], 8, 2, True)
     for got, exp in zip(outs, want, strict=True):
-        assert torch.equal(got, exp)
-    assert outs[0].tolist() == [4, 5, 6, 0, 1, 2, 3, 4]
-    assert outs[3].tolist() == [14, 15, 16, 20, 21, 22, 23, 24]
+        assert torch.equal(got[2:10], exp)
+    assert outs[0].tolist()[2:10] == [4, 5, 6, 0, 1, 2, 3, 4]
+    assert outs[3].tolist()[2:10] == [14, 15, 16, 20, 21, 22, 23, 24]
 
 
 def test_second_chunk_uses_prior_context_variant(compiled_dense: BuiltinWorker) -> None:

@@ -37,15 +37,19 @@ def test_triton_slot_mapping(gpu_worker: BuiltinWorker, n: int) -> None:
 
 
 @pytest.mark.parametrize("ctx", [[0, 0], [4, 9]])
-def test_triton_chunk_metadata(gpu_worker: BuiltinWorker, ctx: list[int]) -> None:
-    """Both HAS_PRIOR_CONTEXT variants equal the torch version."""
-    qsl = torch.tensor([0, 3, 300], device="cuda")
-    c = torch.tensor(ctx, device="cuda")
-    kv = torch.tensor([10, 20], device="cuda")
-    outs = tuple(torch.zeros(300, dtype=torch.int64, device="cuda") for _ in range(4))
-    assert gpu_worker.runner.kernels.chunk_metadata(qsl, c, kv, 300, 2, outs) is any(ctx)
-    for got, want in zip(outs, chunk_metadata_torch(qsl, c, kv, 300, 2, any(ctx)), strict=True):
-        assert torch.equal(got, want)
+@pytest.mark.parametrize("req_offset", [0, 1, 3])
+def test_triton_chunk_metadata(gpu_worker: BuiltinWorker, ctx: list[int], req_offset: int) -> None:
+    """Both HAS_PRIOR_CONTEXT variants equal the torch version, after any number of decodes."""
+    qsl = torch.tensor([0, 3, 300, 0, 0], device="cuda")
+    c = torch.tensor([7] * req_offset + ctx + [5, 5], device="cuda")
+    kv = torch.tensor([1] * req_offset + [10, 20] + [0, 0], device="cuda")
+    outs = tuple(torch.full((400,), -1, dtype=torch.int64, device="cuda") for _ in range(4))
+    kernels = gpu_worker.runner.kernels
+    assert kernels.chunk_metadata(qsl, c, kv, 2, 300, req_offset, outs) is any(ctx)
+    want = chunk_metadata_torch(qsl[:3], c[req_offset : req_offset + 2], kv[req_offset : req_offset + 2], 300, req_offset, any(ctx))
+    for got, expected in zip(outs, want, strict=True):
+        assert torch.equal(got[req_offset : req_offset + 300], expected)
+        assert bool((got[:req_offset] == -1).all()) and bool((got[req_offset + 300 :] == -1).all())
 
 
 def test_cuda_engine_matches_reference(

@@ -219,7 +219,6 @@ class Kernels:
         self.compiled = compiled
         self._slot: dict[str, Callable[..., torch.Tensor]] = {}
         self._meta: Callable[..., Any] = chunk_metadata_torch
-        self._whole: tuple[torch.Tensor, ...] | None = None
         self._token_index: torch.Tensor | None = None
         if compiled and not self.use_triton:
             self._slot = {
@@ -228,30 +227,6 @@ class Kernels:
                 "other": torch.compile(_slot_mapping_other, dynamic=True),
             }
             self._meta = torch.compile(chunk_metadata_static, dynamic=False)
-
-    def set_step_buffers(
-        self,
-        *,
-        query_start_loc: torch.Tensor,
-        context_lens: torch.Tensor,
-        kv_start: torch.Tensor,
-        positions: torch.Tensor,
-        req_idx: torch.Tensor,
-        kv_lo: torch.Tensor,
-        kv_hi: torch.Tensor,
-    ) -> None:
-        """The runner's whole step buffers, which the Triton chunk-metadata kernel
-        indexes with an offset (never slices: see the kernel's comment)."""
-        self._token_index = torch.arange(positions.numel(), dtype=torch.int64, device=positions.device)
-        self._whole = (
-            query_start_loc,
-            context_lens,
-            kv_start,
-            positions,
-            req_idx,
-            kv_lo,
-            kv_hi,
-        )
 
     def slot_mapping(
         self,
@@ -286,17 +261,54 @@ class Kernels:
         query_start_loc: torch.Tensor,
         context_lens: torch.Tensor,
         kv_start: torch.Tensor,
+        num_chunks: int,
         num_tokens: int,
         req_offset: int,
         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> bool:
-        """Fill (positions, req_idx, kv_lo, kv_hi) of ``num_tokens`` prefill tokens.
+        """Fill (positions, req_idx, kv_lo, kv_hi) of the ``num_tokens`` prefill tokens.
 
-        Returns the ``HAS_PRIOR_CONTEXT`` variant used: whether any chunk has context.
+        Every argument is a whole step buffer, never a slice (see the Triton kernel):
+        ``query_start_loc[: num_chunks + 1]`` holds the chunks' token offsets within
+        the prefill region; prefill chunk ``c`` is request ``req_offset + c`` of
+        ``context_lens`` / ``kv_start``; prefill token ``t`` is written at
+        ``req_offset + t`` of each ``out`` buffer (the decodes, one token each, come
+        first). Returns the ``HAS_PRIOR_CONTEXT`` variant used.
         """
-        has_prior = bool((context_lens > 0).any().item())
+        reqs = slice(req_offset, req_offset + num_chunks)
+        has_prior = bool((context_lens[reqs] > 0).any().item())
         if num_tokens == 0:
             return has_prior
+        if self.use_triton:
+            pos, req, lo, hi = out
+            _chunk_metadata_kernel[(num_chunks,)](
+                query_start_loc,
+                context_lens,
+                kv_start,
+                pos,
+                req,
+                lo,
+                hi,
+                req_offset,
+                HAS_PRIOR_CONTEXT=has_prior,
+                BLOCK=128,
+            )
+            return has_prior
+        if self.compiled:
+            qsl = query_start_loc.clone()
+            qsl[num_chunks + 1 :] = qsl[num_chunks]
+            tokens = self._token_index
+            if tokens is None or tokens.numel() != out[0].numel() or tokens.device != out[0].device:
+                tokens = self._token_index = torch.arange(out[0].numel(), dtype=torch.int64, device=out[0].device)
+            offset = torch.tensor(req_offset, dtype=torch.int64, device=qsl.device)
+            results = self._meta(qsl, context_lens, kv_start, tokens, offset, has_prior)
+        else:
+            results = chunk_metadata_torch(
+                query_start_loc[: num_chunks + 1], context_lens[reqs], kv_start[reqs], num_tokens, req_offset, has_prior
+            )
+        for dst, src in zip(out, results, strict=True):
+            dst[req_offset : req_offset + num_tokens].copy_(src[:num_tokens])
+        return has_prior
         if self.use_triton:
             whole = self._whole
             if whole is None:

@@ -143,16 +143,6 @@ class ModelRunner:
         # topk needs at least index_topk kv entries; padding entries point at slot 0.
         self.min_kv = max(2, cfg.index_topk if cfg.preset == "sparse-mla" else 2)
         self.buffers = self._allocate_buffers()
-        b = self.buffers
-        self.kernels.set_step_buffers(
-            query_start_loc=b["query_start_loc"],
-            context_lens=b["context_lens"],
-            kv_start=b["kv_start"],
-            positions=b["positions"],
-            req_idx=b["req_idx"],
-            kv_lo=b["kv_lo"],
-            kv_hi=b["kv_hi"],
-        )
         self.recompile_limit = raise_recompile_limit(
             len(ATTENTION_IMPLS) * len(self.compile_sizes) + 8
         )
@@ -277,17 +267,13 @@ class ModelRunner:
         has_prior: bool | None = None
         if num_reqs > num_dec:
             has_prior = self.kernels.chunk_metadata(
-                b["query_start_loc"][: len(qsl)],
-                b["context_lens"][num_dec:num_reqs],
-                b["kv_start"][num_dec:num_reqs],
+                b["query_start_loc"],
+                b["context_lens"],
+                b["kv_start"],
+                num_reqs - num_dec,
                 n - num_dec,
                 num_dec,
-                (
-                    b["positions"][num_dec:],
-                    b["req_idx"][num_dec:],
-                    b["kv_lo"][num_dec:],
-                    b["kv_hi"][num_dec:],
-                ),
+                (b["positions"], b["req_idx"], b["kv_lo"], b["kv_hi"]),
             )
         for name in ("positions", "kv_lo", "kv_hi", "slot_mapping", "input_ids"):
             b[name][n:padded].zero_()

@@ -99,7 +99,7 @@ class BuiltinWorker:
     def describe(self) -> WorkerInfo:
         return WorkerInfo(
             engine="builtin",
-            device=str(self.runner.device),
+            device=_device_name(self.runner.device),
             versions={
                 "torch": torch.__version__,
                 "triton": _version("triton"),
@@ -151,6 +151,14 @@ class BuiltinWorker:
     def padded_num_tokens(self, num_tokens: int) -> int:
         """The compile size a batch of ``num_tokens`` runs at (for ``verify --suggest``)."""
         return self.runner.padded_size(num_tokens)
+
+
+def _device_name(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)`` on CUDA, else the device type."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def _decode_context() -> int:
