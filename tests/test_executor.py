@@ -133,3 +133,42 @@ def test_report_fields(tmp_path: Path) -> None:
     assert set(data["totals"]) >= {"duration_s", "compiles"}
     assert data["failed"] is None
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def _sm120(tmp_path: Path, **kw: object) -> tuple[RecordingWorker, dict[str, object]]:
+    from warmplan.autotune.fake import FakeBackend
+
+    backends = {name: FakeBackend(name=name) for name in ("flashinfer_dsv4_decode", "flashinfer")}
+    worker = RecordingWorker(
+        max_num_tokens=8, max_num_batched_tokens=2048, device_capability=(12, 0),
+        attention_backends=("V4_FLASHMLA_SPARSE",), flags={"enable_flashinfer_autotune": True},
+        backends=backends, **kw,  # type: ignore[arg-type]
+    )
+    return worker, backends  # type: ignore[return-value]
+
+
+def test_autotune_covers_the_step_it_replaces(tmp_path: Path) -> None:
+    """On SM120 the decode autotune runs the mixed shape under tuning, and the mixed step is skipped as covered."""
+    worker, backends = _sm120(tmp_path)
+    report = run_plan(DSV4, worker, cache_root=str(tmp_path))
+    mixed = {"shape": "mixed", "num_tokens": 16, "prior_context": 0, "force_attention": True}
+    runs = [c.args for c in worker.calls_named("dummy_run")]
+    assert runs.count(mixed) == 1 and runs[0] == mixed
+    assert report.step("sparse-mla-mixed").skipped == "covered by sparse-mla-decode-autotune, which ran this shape"
+    tune = report.step("sparse-mla-decode-autotune").autotune
+    assert tune is not None and tune["decision"] == "tune" and tune["fingerprint"]
+    assert backends["flashinfer_dsv4_decode"].tuned_count == 1  # type: ignore[attr-defined]
+    again = run_plan(DSV4, _sm120(tmp_path)[0], cache_root=str(tmp_path))
+    loaded = again.step("sparse-mla-decode-autotune").autotune
+    assert loaded is not None and loaded["decision"] == "load" and loaded["fingerprint"] == tune["fingerprint"]
+
+
+def test_autotune_step_failure_restores_buffers(tmp_path: Path) -> None:
+    """A failure inside an autotune step's run leaves the buffers as they were and names the step."""
+    worker, _ = _sm120(tmp_path, fail_on={"dummy_run": 1})
+    before = copy.deepcopy(worker.buffers)
+    with pytest.raises(StepError) as info:
+        run_plan(DSV4, worker, cache_root=str(tmp_path))
+    assert str(info.value) == "rank 0, step 'sparse-mla-decode-autotune': tuning raised InjectedFailure: injected failure in dummy_run call 1"
+    assert worker.buffers == before
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

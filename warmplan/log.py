@@ -11,6 +11,7 @@ from typing import Any, Literal
 import structlog
 
 LogFormat = Literal["console", "json"]
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def configure(fmt: LogFormat = "console", level: str = "info") -> None:
@@ -27,7 +28,7 @@ def configure(fmt: LogFormat = "console", level: str = "info") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
+            _LEVELS[level.lower()]
         ),
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
