@@ -8,7 +8,9 @@ TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR):
 * ``cold``   - the shape's first call in a process that ran no warmup;
 * ``warm``   - its first call after the whole plan ran (in one process for all
   shapes, or one each with ``--isolate``);
-* ``steady`` - the median of ``--repeat`` further calls.
+* ``steady`` - the median of ``--repeat`` further calls, back to back;
+* ``idle``   - the median of calls each made after ``--pause`` seconds of idling,
+  which is what a request meets on a server that was not busy a moment before.
 
 A dummy-run shape is called the way serving would (``worker.execute`` of the batch
 the engine's dummy run builds) when the worker can; a slot-mapping size through
@@ -147,8 +149,17 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             for _ in range(spec["repeat"]):
                 with monitor.attribute(f"steady[{i}]"), worker.preserve_state():
                     steady.append(_timed(worker, call))
+            # The same call after the server sat idle for a moment: a CPU's caches and
+            # threads go cold in ~50 ms, which costs a sub-millisecond call as much as
+            # it costs the first call after warmup (no compile involved).
+            idle = []
+            for _ in range(spec["repeat"] // 2 if spec.get("pause", 0) > 0 else 0):
+                time.sleep(spec["pause"])
+                with monitor.attribute(f"idle[{i}]"), worker.preserve_state():
+                    idle.append(_timed(worker, call))
             out["shapes"].append({
                 **shape, "first_s": first, "steady_s": statistics.median(steady) if steady else None,
+                "idle_s": statistics.median(idle) if idle else None,
                 "compiles": monitor.compiles(label), "cache_loads": monitor.cache_loads(label),
             })
     return out
@@ -187,7 +198,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     base = {
         "plan": str(args.plan), "device": args.device, "model_config": args.model_config,
-        "repeat": args.repeat, "call": args.call,
+        "repeat": args.repeat, "call": args.call, "pause": args.pause,
     }
     list_spec = {**base, "mode": "cold", "repeat": 0, "shapes": None, "list_only": True}
     shapes: list[Shape] = _run_child(list_spec, timeout_s=args.timeout)["shapes"]
@@ -210,13 +221,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "cold_ms": _ms(c["first_s"]), "cold_compiles": c["compiles"],
             "warm_ms": _ms(w["first_s"]), "warm_compiles": w["compiles"],
             "steady_ms": _ms(steady),
+            "idle_ms": _ms(w.get("idle_s")),
+            "warm/idle": _ratio(w["first_s"], w.get("idle_s")),
             "warm/steady": _ratio(w["first_s"], steady), "cold/steady": _ratio(c["first_s"], steady),
             "_cold_s": c["first_s"], "_warm_s": w["first_s"], "_steady_s": steady,
         })
     return {**base, "warmup_s": warmup_s, "rows": rows}
 
 
-COLUMNS = ["shape", "cold_ms", "cold_compiles", "warm_ms", "warm_compiles", "steady_ms", "warm/steady", "cold/steady"]
+COLUMNS = ["shape", "cold_ms", "cold_compiles", "warm_ms", "warm_compiles", "steady_ms", "idle_ms", "warm/steady", "warm/idle", "cold/steady"]
 
 
 def render(result: dict[str, Any]) -> str:
@@ -236,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--model-config", metavar="FILE")
     parser.add_argument("--repeat", type=int, default=20, help="steady-state calls per shape (median)")
+    parser.add_argument("--pause", type=float, default=0.2, help="idle seconds before each 'idle' call (0: none)")
     parser.add_argument("--call", choices=["execute", "step"], default="execute", help="execute: a serving batch of the shape; step: the step's own call")
     parser.add_argument("--isolate", action="store_true", help="one fresh process per shape for the warm measurement too")
     parser.add_argument("--only", nargs="*", metavar="WORD", help="measure only shapes whose label contains a WORD")
