@@ -143,6 +143,22 @@ def _unpack(msg: bytes | None) -> tuple[str, str | None, bytes]:
     return str(doc["kind"]), doc.get("reason"), body
 
 
+def _skip_or_fail(ctx: TuneContext, missing: list[int], statuses: list[str], skip_reason: str) -> AutotuneOutcome:
+    """Ranks ``missing`` have no usable cache and will not tune: fail (on_missing=fail)
+    or skip, every rank alike; ``skip_reason`` is formatted with ``ranks``, ``reasons``."""
+    reasons = "; ".join(f"rank {r}: {statuses[r].removeprefix('miss: ')}" for r in missing)
+    if ctx.on_missing == "fail":
+        raise ctx.fail(f"no usable autotune cache on {_ranks(missing)} and on_missing=fail: {reasons}")
+    ctx.log.warning("autotune.skipped", step=ctx.step_id, reason=reasons)
+    return AutotuneOutcome(
+        decision="skip",
+        ran_run=False,
+        cache_path=ctx.path,
+        fingerprint=None,
+        reason=skip_reason.format(ranks=_ranks(missing), reasons=reasons),
+    )
+
+
 def _ranks(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
@@ -317,19 +333,7 @@ def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
     )
     missing = [r for r, s in enumerate(statuses) if s != "hit"]
     if missing and ctx.on_missing != "tune":
-        reasons = "; ".join(f"rank {r}: {statuses[r].removeprefix('miss: ')}" for r in missing)
-        if ctx.on_missing == "fail":
-            raise ctx.fail(
-                f"no usable autotune cache on {_ranks(missing)} and on_missing=fail: {reasons}"
-            )
-        ctx.log.warning("autotune.skipped", step=ctx.step_id, reason=reasons)
-        return AutotuneOutcome(
-            decision="skip",
-            ran_run=False,
-            cache_path=ctx.path,
-            fingerprint=None,
-            reason=f"{_ranks(missing)} without a usable cache ({reasons}); on_missing=skip",
-        )
+        return _skip_or_fail(ctx, missing, statuses, "{ranks} without a usable cache ({reasons}); on_missing=skip")
     if isinstance(read, CacheHit):
         status = _load_hit(ctx, read)
         if status.startswith("error: "):
@@ -378,19 +382,7 @@ def run_load_only(ctx: TuneContext) -> AutotuneOutcome:
     )
     missing = [r for r, s in enumerate(statuses) if s != "hit"]
     if missing:
-        reasons = "; ".join(f"rank {r}: {statuses[r].removeprefix('miss: ')}" for r in missing)
-        if ctx.on_missing == "fail":
-            raise ctx.fail(
-                f"no usable autotune cache on {_ranks(missing)} and on_missing=fail: {reasons}"
-            )
-        ctx.log.warning("autotune.skipped", step=ctx.step_id, reason=reasons)
-        return AutotuneOutcome(
-            decision="skip",
-            ran_run=False,
-            cache_path=ctx.path,
-            fingerprint=None,
-            reason=f"load_only: {_ranks(missing)} without a usable cache ({reasons})",
-        )
+        return _skip_or_fail(ctx, missing, statuses, "load_only: {ranks} without a usable cache ({reasons})")
     assert isinstance(read, CacheHit)
     statuses = _gather(ctx, _load_hit(ctx, read), "comparing loaded fingerprints")
     _check_statuses(ctx, statuses, "loading the autotune cache")
