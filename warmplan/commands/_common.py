@@ -57,26 +57,16 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
         import torch
     except ImportError:
         raise UserError("warmplan run needs torch: pip install torch (the README pins torch==2.13.0 for CPU machines)") from None
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
     from warmplan.dist import current_world
-    from warmplan.workers.builtin import BuiltinWorker, EngineConfig
+    from warmplan.workers.builtin import build_worker
 
-    if device != "auto":
-        config["device"] = device
+    source = "the plan's builtin block" + (f" and {args.model_config}" if getattr(args, "model_config", None) else "")
     try:
-        engine_config = EngineConfig.from_mapping(config)
+        return build_worker(config, device=device, world=current_world())
     except (ValueError, TypeError, KeyError) as exc:
-        source = "the plan's builtin block" + (f" and {args.model_config}" if getattr(args, "model_config", None) else "")
         raise UserError(f"{plan.path}: builtin: {exc} (from {source})") from None
-    world = current_world()
-    try:
-        return BuiltinWorker(engine_config, world=world)
-    except ValueError as exc:
-        raise UserError(f"{plan.path}: builtin: the engine cannot be built: {exc}") from None
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
