@@ -708,3 +708,53 @@ def test_flashinfer_backend_load_returning_false(
         AutotuneLoadError, match=r"load_configs rejected the tuning payload \(2 bytes\)"
     ):
         backend.load(b"{}")
+
+
+@pytest.fixture
+def fresh_compiles() -> Iterator[None]:
+    """No compiled graph in memory or on disk: every new shape is a real compile."""
+    import torch
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("fresh_compiles")
+def test_plugin_arms_the_jit_monitor_after_graph_capture(plugin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WARMPLAN_JIT_MONITOR=error: compiles during warmup and graph capture pass; a serving step that compiles raises."""
+
+    from warmplan.monitor import JitCompileError
+
+    monkeypatch.setenv("WARMPLAN_JIT_MONITOR", "error")
+    worker = load_plugins_and_warm_up(plugin)  # graph capture compiled the fake forward at size 8
+    worker.execute_model(8)  # captured: no compile
+    with pytest.raises(JitCompileError) as info:
+        worker.execute_model(5)
+    message = str(info.value)
+    assert "_fake_forward_impl" in message and "serving step 2" in message
+    assert "warmplan verify PLAN --trace T --suggest" in message
+
+
+@pytest.mark.usefixtures("fresh_compiles")
+def test_plugin_jit_monitor_warn_keeps_serving(plugin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WARMPLAN_JIT_MONITOR=warn: a compile while serving is counted and logged, and the step returns."""
+
+    monkeypatch.setenv("WARMPLAN_JIT_MONITOR", "warn")
+    worker = load_plugins_and_warm_up(plugin)
+    assert float(worker.execute_model(6)) == 6.0
+    monitor = worker._warmplan_monitor
+    assert monitor.compiles("serving step 1") == 1
+    assert worker.execute_model(6) is not None and monitor.compiles("serving step 2") == 0
+
+
+def test_plugin_rejects_a_bad_jit_monitor_mode(plugin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad WARMPLAN_JIT_MONITOR stops startup with the valid choices."""
+    from warmplan.errors import UserError
+    from warmplan.workers import vllm as adapter_module
+
+    monkeypatch.setenv("WARMPLAN_JIT_MONITOR", "loud")
+    with pytest.raises(UserError) as info:
+        adapter_module.register()
+    assert str(info.value) == "WARMPLAN_JIT_MONITOR must be one of off, warn, error: 'loud'"

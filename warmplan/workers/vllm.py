@@ -623,7 +623,9 @@ class VllmWorker:
 PLAN_ENV = "WARMPLAN_PLAN"
 MODE_ENV = "WARMPLAN_MODE"
 REPORT_ENV = "WARMPLAN_REPORT"
+MONITOR_ENV = "WARMPLAN_JIT_MONITOR"
 MODES = ("after", "replace")
+MONITOR_MODES = ("off", "warn", "error")
 
 _KERNEL_WARMUP_MODULE = "vllm.model_executor.warmup.kernel_warmup"
 _GPU_WORKER_MODULE = "vllm.v1.worker.gpu_worker"
@@ -749,10 +751,68 @@ def _run_replacing(
     return result
 
 
+def _monitor_mode(environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    mode = env.get(MONITOR_ENV) or "off"
+    if mode not in MONITOR_MODES:
+        raise UserError(f"{MONITOR_ENV} must be one of {', '.join(MONITOR_MODES)}: {mode!r}")
+    return mode
+
+
+_MONITOR_HINT = (
+    "a shape no warmup covered: record the traffic and run `warmplan verify PLAN --trace T "
+    "--suggest` for the plan entries that cover it"
+)
+
+
+def _wrap_worker_class(worker_cls: Any) -> None:
+    """Arm warmplan's JIT monitor once a worker's whole warmup is over (kernel warmup
+    *and* CUDA-graph capture, which compiles too), and watch every ``execute_model``:
+    ``warn`` logs each compile while serving, ``error`` raises at the end of the step
+    that compiled (``JitCompileError``, naming the kernel and its key)."""
+    warm = getattr(worker_cls, "compile_or_warm_up_model", None)
+    if callable(warm) and not getattr(warm, "__warmplan_wrapped__", False):
+
+        @functools.wraps(warm)
+        def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = warm(self, *args, **kwargs)
+            mode = _monitor_mode()
+            if mode != "off":
+                from warmplan.monitor import JitMonitor
+
+                monitor = JitMonitor(mode="off", hint=lambda event: _MONITOR_HINT)
+                monitor.install()
+                monitor.arm(mode)  # type: ignore[arg-type]
+                self._warmplan_monitor = monitor
+                self._warmplan_steps = 0
+                log.info("warmplan.vllm.jit_monitor", mode=mode)
+            return result
+
+        compile_or_warm_up_model.__warmplan_wrapped__ = True  # type: ignore[attr-defined]
+        worker_cls.compile_or_warm_up_model = compile_or_warm_up_model
+    run = getattr(worker_cls, "execute_model", None)
+    if callable(run) and not getattr(run, "__warmplan_wrapped__", False):
+
+        @functools.wraps(run)
+        def execute_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+            monitor = getattr(self, "_warmplan_monitor", None)
+            if monitor is None:
+                return run(self, *args, **kwargs)
+            step = self._warmplan_steps = getattr(self, "_warmplan_steps", 0) + 1
+            with monitor.attribute(f"serving step {step}"):
+                return run(self, *args, **kwargs)
+
+        execute_model.__warmplan_wrapped__ = True  # type: ignore[attr-defined]
+        worker_cls.execute_model = execute_model
+
+
 def _patch_module(module: ModuleType) -> None:
     original = getattr(module, "kernel_warmup", None)
     if callable(original):
         setattr(module, "kernel_warmup", _wrap_kernel_warmup(original))  # noqa: B010 - mypy cannot see the attribute
+    worker_cls = getattr(module, "Worker", None) if module.__name__ == _GPU_WORKER_MODULE else None
+    if isinstance(worker_cls, type):
+        _wrap_worker_class(worker_cls)
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -802,6 +862,7 @@ def register() -> None:
     """
     global _registered
     settings = _settings()  # a bad WARMPLAN_MODE fails here, at startup
+    _monitor_mode()  # and so does a bad WARMPLAN_JIT_MONITOR
     if settings is None:
         return
     with _register_lock:
@@ -831,6 +892,11 @@ def _unregister_for_tests() -> None:
             fn = getattr(module, "kernel_warmup", None)
             if module is not None and fn is not None and getattr(fn, "__warmplan_wrapped__", False):
                 setattr(module, "kernel_warmup", fn.__wrapped__)  # noqa: B010 - mypy cannot see the attribute
+            worker_cls = getattr(module, "Worker", None)
+            for attr in ("compile_or_warm_up_model", "execute_model"):
+                method = getattr(worker_cls, attr, None)
+                if getattr(method, "__warmplan_wrapped__", False):
+                    setattr(worker_cls, attr, method.__wrapped__)  # type: ignore[union-attr]
 
 
 class WarmplanWorkerExtension:

@@ -99,7 +99,38 @@ class GPUModelRunner:
 
     def capture_model(self):
         record("vllm", "capture_model", {})
+        # Graph capture compiles too (here: the fake forward at its capture size), and
+        # it runs after kernel warmup: a JIT monitor must be armed only after it.
+        _run_forward(CAPTURE_SIZE)
         return 0
+
+    def execute_model(self, scheduler_output=None):
+        """A serving step of ``scheduler_output`` tokens (an int here): the fake
+        forward, torch.compile'd with static shapes, compiles once per new size."""
+        record("runner", "execute_model", {"num_tokens": scheduler_output})
+        return _run_forward(int(scheduler_output or CAPTURE_SIZE))
 
     def get_model(self):
         return SimpleNamespace()
+
+
+CAPTURE_SIZE = 8
+
+
+def _fake_forward_impl(x):
+    return (x * 2 + 1).sum()
+
+
+_fake_forward = torch.compile(_fake_forward_impl, dynamic=False)
+
+
+def _run_forward(num_tokens):
+    # The tests report an accelerator through torch.accelerator.is_available (vLLM's
+    # warmup asks it); dynamo asks it too when it compiles, so answer truly here.
+    accel = torch.accelerator
+    reported = accel.is_available
+    accel.is_available = torch.cuda.is_available
+    try:
+        return _fake_forward(torch.zeros(num_tokens))
+    finally:
+        accel.is_available = reported

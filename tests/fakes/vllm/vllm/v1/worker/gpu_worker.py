@@ -56,3 +56,7 @@ class Worker:
         record("vllm", "compile_or_warm_up_model", {})
         kernel_warmup(self)
         self.model_runner.capture_model()
+
+    def execute_model(self, scheduler_output=None):
+        record("vllm", "execute_model", {})
+        return self.model_runner.execute_model(scheduler_output)
