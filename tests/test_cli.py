@@ -165,3 +165,13 @@ def test_json_logs(capsys: pytest.CaptureFixture[str], write_plan: Callable[...,
         and start["applied"] == [1, 4]
         and start["clamped"] == {"9": 4}
     )
+
+
+def test_model_config_errors_name_file_line_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad --model-config is checked like a plan's builtin block: file:line:column, key, hint; exit 1."""
+    bad = tmp_path / "model.yaml"
+    bad.write_text("num_layerz: 3\ndtype: float64\n")
+    assert main(["run", str(PLANS / "builtin-smoke.yaml"), "--model-config", str(bad)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"{bad}:1:1: num_layerz: unknown key 'num_layerz' (did you mean 'num_layers'?); expected one of preset, num_layers,")
+    assert err[1] == f"{bad}:2:8: dtype: expected one of auto, float32, bfloat16, float16, found 'float64' (did you mean 'float16'?)"

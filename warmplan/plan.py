@@ -449,6 +449,27 @@ def parse_plan(text: str, *, file: str = "<plan>", path: str | None = None) -> P
     return _build(data, located, text, path)
 
 
+def check_mapping(schema: Mapping[str, Any], text: str, *, file: str) -> dict[str, Any]:
+    """Validate YAML ``text`` against ``schema`` (a sub-schema of the plan's, such as
+    the ``builtin`` block for ``--model-config``); problems are a ``PlanError`` with
+    ``file:line:column`` like a plan's. Returns the mapping."""
+    try:
+        located = load_located(text)
+    except YamlError as exc:
+        where = f"{exc.mark.line}:{exc.mark.column}:" if exc.mark else ""
+        raise PlanError([f"{file}:{where} {exc.message}"]) from None
+    if not isinstance(located.data, dict):
+        raise PlanError([f"{file}:1:1: (top level): expected a mapping, found {_show(located.data)}"])
+    import jsonschema
+
+    rep = _Reporter(file, located)
+    for err in jsonschema.Draft202012Validator(dict(schema)).iter_errors(located.data):
+        _report_schema_error(rep, err)
+    if rep.problems:
+        raise PlanError(rep.messages())
+    return located.data
+
+
 def _check_semantics(rep: _Reporter, data: dict[str, Any], kinds: Mapping[Any, Any]) -> None:
     """What the schema cannot say: unique ids, sane ranges, references, templates."""
     # Runs even when the schema found problems, so every problem is reported at once:

@@ -26,23 +26,18 @@ def load_plan_or_exit(path: str) -> Plan:
 
 
 def read_model_config(path: str | None) -> dict[str, Any]:
-    """The ``--model-config`` mapping (empty when not given)."""
+    """The ``--model-config`` mapping (empty when not given), checked against the
+    schema of a plan's ``builtin`` block, with ``file:line:column`` on every problem."""
     if path is None:
         return {}
-    from warmplan.yamlsrc import YamlError, load_located
+    from warmplan.plan import check_mapping
+    from warmplan.schema import BUILTIN
 
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read --model-config: {exc}") from None
-    try:
-        data = load_located(text).data
-    except YamlError as exc:
-        where = f"{exc.mark.line}:{exc.mark.column}:" if exc.mark else ""
-        raise UserError(f"{path}:{where} {exc.message}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}:1:1: expected a mapping of built-in engine settings, found {type(data).__name__}")
-    return data
+    return check_mapping(BUILTIN, text, file=path)
 
 
 def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
