@@ -670,11 +670,10 @@ def report_as_dict(report: Any) -> dict[str, Any]:
 
 
 def _write_report(report: Any, template: str, rank: int) -> str:
+    from warmplan.executor import write_atomic
+
     path = Path(template.replace("{rank}", str(rank))).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report_as_dict(report), indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report_as_dict(report), indent=1, sort_keys=True, default=str).encode() + b"\n")
     return str(path)
 
 
