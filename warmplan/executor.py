@@ -8,14 +8,13 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from warmplan.errors import StepError, WarmplanError
+from warmplan.errors import StepError, UserError, WarmplanError
+from warmplan.fsutil import atomic_write
 from warmplan.log import get_logger
 from warmplan.plan import Plan
 from warmplan.resolve import CacheContext, ResolvedPlan, ResolvedStep, arch_of, resolve
@@ -92,23 +91,10 @@ class Report:
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write the report as JSON atomically (temp file + rename)."""
-        write_atomic(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=False).encode() + b"\n")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        try:
+            atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=False).encode() + b"\n")
+        except OSError as exc:
+            raise UserError(f"cannot write the report {path}: {exc.strerror or exc}") from None
 
 
 def _default_cache_root() -> str:

@@ -13,13 +13,13 @@ This module never imports torch.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from warmplan import fsutil
 
 FORMAT_VERSION = 1
 FORMAT_KEY = "warmplan_autotune_cache"
@@ -146,39 +146,10 @@ class CacheWriteError(OSError):
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync,
-    rename over ``path``, fsync the directory. The temp file never outlives a failure."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
+    """``warmplan.fsutil.atomic_write``, with failures as a ``CacheWriteError`` naming the path."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-        )
+        fsutil.atomic_write(path, data)
     except OSError as exc:
         raise CacheWriteError(f"cannot write cache file {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise CacheWriteError(f"cannot write cache file {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
 
 
-def fsync_dir(directory: str) -> None:
-    """fsync a directory so a rename in it survives a crash (best effort off POSIX)."""
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)

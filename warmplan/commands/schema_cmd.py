@@ -23,9 +23,9 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     text = schema_text()
     if args.write:
-        from warmplan.executor import write_atomic
+        from warmplan.fsutil import atomic_write
 
-        write_atomic(Path(args.write), text.encode())
+        atomic_write(Path(args.write), text.encode())
         print(f"wrote {args.write}")
         return 0
     path = repo_schema_path()

@@ -670,10 +670,10 @@ def report_as_dict(report: Any) -> dict[str, Any]:
 
 
 def _write_report(report: Any, template: str, rank: int) -> str:
-    from warmplan.executor import write_atomic
+    from warmplan.fsutil import atomic_write
 
     path = Path(template.replace("{rank}", str(rank))).expanduser()
-    write_atomic(path, json.dumps(report_as_dict(report), indent=1, sort_keys=True, default=str).encode() + b"\n")
+    atomic_write(path, json.dumps(report_as_dict(report), indent=1, sort_keys=True, default=str).encode() + b"\n")
     return str(path)
 
 
