@@ -15,26 +15,35 @@ from warmplan.schema import schema_text
 DSV4 = str(PLANS / "dsv4.yaml")
 
 
-def test_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
-    """warmplan plan --json gives steps with requested/applied tokens, skips and cache paths."""
-    code = main(
+def plan(tokens: int, batched: int, *extra: str, file: str = DSV4) -> int:
+    """``warmplan plan FILE --max-num-tokens T --max-num-batched-tokens B EXTRA...``."""
+    return main(
         [
             "plan",
-            DSV4,
+            file,
             "--max-num-tokens",
-            "8",
+            str(tokens),
             "--max-num-batched-tokens",
-            "2048",
-            "--attention-backend",
-            "V4_FLASHMLA_SPARSE",
-            "--device-capability",
-            "12.0",
-            "--flag",
-            "enable_flashinfer_autotune=true",
-            "--cache-root",
-            "/c",
-            "--json",
+            str(batched),
+            *extra,
         ]
+    )
+
+
+def test_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """warmplan plan --json gives steps with requested/applied tokens, skips and cache paths."""
+    code = plan(
+        8,
+        2048,
+        "--attention-backend",
+        "V4_FLASHMLA_SPARSE",
+        "--device-capability",
+        "12.0",
+        "--flag",
+        "enable_flashinfer_autotune=true",
+        "--cache-root",
+        "/c",
+        "--json",
     )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
@@ -49,26 +58,14 @@ def test_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
         steps["flashinfer-autotune"]["cache_path"]
         == f"/c/autotune/flashinfer/unknown/sm120/{steps['flashinfer-autotune']['config_hash']}.json"
     )
-    assert [s["id"] for s in out["steps"] if s["skipped"] is not None] == [s["id"] for s in out["steps"] if s["id"].startswith("builtin-")]
+    assert [s["id"] for s in out["steps"] if s["skipped"] is not None] == [
+        s["id"] for s in out["steps"] if s["id"].startswith("builtin-")
+    ]
 
 
 def test_plan_table_shows_skips(capsys: pytest.CaptureFixture[str]) -> None:
     """The table names every step and why it is skipped."""
-    assert (
-        main(
-            [
-                "plan",
-                DSV4,
-                "--max-num-tokens",
-                "8",
-                "--max-num-batched-tokens",
-                "16",
-                "--platform",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert plan(8, 16, "--platform", "cpu") == 0
     out = capsys.readouterr().out
     assert "slot-mapping" in out and "gate platform: needs cuda, worker is cpu" in out
     assert "gate attention_backend" in out
@@ -76,20 +73,14 @@ def test_plan_table_shows_skips(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_plan_env_option_turns_warmup_off(capsys: pytest.CaptureFixture[str]) -> None:
     """--env sets what the env gates read."""
-    main(
-        [
-            "plan",
-            DSV4,
-            "--max-num-tokens",
-            "8",
-            "--max-num-batched-tokens",
-            "16",
-            "--attention-backend",
-            "DEEPSEEK_SPARSE_SWA",
-            "--env",
-            "VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP=0",
-            "--json",
-        ]
+    plan(
+        8,
+        16,
+        "--attention-backend",
+        "DEEPSEEK_SPARSE_SWA",
+        "--env",
+        "VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP=0",
+        "--json",
     )
     steps = json.loads(capsys.readouterr().out)["steps"]
     assert steps[0]["skipped"] == "gate env: VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP='0' is false"
@@ -100,28 +91,14 @@ def test_bad_plan_exit_1_no_traceback(
 ) -> None:
     """A bad plan given to plan exits 1 with the file:line message only."""
     bad = write_plan("version: 1\nname: x\nsteps: [{id: a, kind: slot_mapping}]\n")
-    assert main(["plan", str(bad), "--max-num-tokens", "8", "--max-num-batched-tokens", "8"]) == 1
+    assert plan(8, 8, file=str(bad)) == 1
     err = capsys.readouterr().err
     assert err == f"{bad}:3:9: steps[0]: missing required key 'tokens'\n"
 
 
 def test_bad_flag_value(capsys: pytest.CaptureFixture[str]) -> None:
     """An unsatisfiable option is a user error, exit 1."""
-    assert (
-        main(
-            [
-                "plan",
-                DSV4,
-                "--max-num-tokens",
-                "8",
-                "--max-num-batched-tokens",
-                "8",
-                "--flag",
-                "x=maybe",
-            ]
-        )
-        == 1
-    )
+    assert plan(8, 8, "--flag", "x=maybe") == 1
     assert capsys.readouterr().err == "warmplan: error: --flag x=maybe: expected true or false\n"
 
 
@@ -167,11 +144,18 @@ def test_json_logs(capsys: pytest.CaptureFixture[str], write_plan: Callable[...,
     )
 
 
-def test_model_config_errors_name_file_line_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_config_errors_name_file_line_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A bad --model-config is checked like a plan's builtin block: file:line:column, key, hint; exit 1."""
     bad = tmp_path / "model.yaml"
     bad.write_text("num_layerz: 3\ndtype: float64\n")
     assert main(["run", str(PLANS / "builtin-smoke.yaml"), "--model-config", str(bad)]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith(f"{bad}:1:1: num_layerz: unknown key 'num_layerz' (did you mean 'num_layers'?); expected one of preset, num_layers,")
-    assert err[1] == f"{bad}:2:8: dtype: expected one of auto, float32, bfloat16, float16, found 'float64' (did you mean 'float16'?)"
+    assert err[0].startswith(
+        f"{bad}:1:1: num_layerz: unknown key 'num_layerz' (did you mean 'num_layers'?); expected one of preset, num_layers,"
+    )
+    assert (
+        err[1]
+        == f"{bad}:2:8: dtype: expected one of auto, float32, bfloat16, float16, found 'float64' (did you mean 'float16'?)"
+    )
