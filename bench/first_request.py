@@ -7,7 +7,11 @@ TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR):
 
 * ``cold``   - the shape's first call in a process that ran no warmup;
 * ``warm``   - its first call after the whole plan ran (in one process for all
-  shapes, or one each with ``--isolate``);
+  shapes, or one each with ``--isolate``); with ``--warm-runs N``, the median of N
+  such processes run one after another on one compile-cache directory (the first
+  starts it empty, the others load from it, like a restarted server);
+  Unless ``--no-prime``, each first call comes right after one call of another
+  shape, so that it meets the machine as busy as the steady calls do;
 * ``steady`` - the median of ``--repeat`` further calls, back to back;
 * ``idle``   - the median of calls each made after ``--pause`` seconds of idling,
   which is what a request meets on a server that was not busy a moment before.
@@ -19,6 +23,10 @@ and the compiles the monitor saw in each first call.
 
     python bench/first_request.py --plan plans/builtin-smoke.yaml --device cpu
     python bench/first_request.py --plan plans/dense-llm.yaml --device cuda --json out.json
+    python bench/first_request.py --plan plans/dsv4.yaml --warm-runs 3 --cold-only 'uniform_decode*'
+
+``--only`` and ``--cold-only`` take labels (``"uniform_decode 8"``), step ids, or
+prefixes ending in ``*``; ``--cold-only`` with no word measures no cold call.
 """
 
 from __future__ import annotations
@@ -137,9 +145,16 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             run_plan(plan, worker, monitor=monitor)
             out["warmup_s"] = time.perf_counter() - started
             out["warmup_compiles"] = monitor.compiles()
+        callers = [_caller(worker, shape, spec.get("call", "execute")) for shape in shapes]
         for i, shape in enumerate(shapes):
-            call = _caller(worker, shape, spec.get("call", "execute"))
+            call = callers[i]
             label = f"first[{i}]"
+            if spec.get("prime", True) and len(callers) > 1:
+                # One call of another shape right before the first call, so that it meets
+                # the machine as busy as the steady calls do (clocks up, caches hot):
+                # what is left between first and steady is then the shape being new.
+                with monitor.attribute(f"prime[{i}]"), worker.preserve_state():
+                    _timed(worker, callers[i - 1] if i else callers[1])
             with monitor.attribute(label), worker.preserve_state():
                 first = _timed(worker, call)
             # Steady calls run exactly as the first did (same state snapshot before each,
@@ -168,8 +183,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 # -- in the parent ----------------------------------------------------------------------
 
 
-def _run_child(spec: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="warmplan-bench-") as tmp:
+def _run_child(spec: dict[str, Any], *, timeout_s: float, cache_dir: str | None = None) -> dict[str, Any]:
+    """One measurement process; its compile caches in ``cache_dir`` (default: empty, its own)."""
+    with tempfile.TemporaryDirectory(prefix="warmplan-bench-") as own:
+        tmp = cache_dir or own
         env = dict(os.environ)
         env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
         env["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton")
@@ -195,27 +212,72 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.1f}x"
 
 
+def _matches(shape: Shape, words: list[str]) -> bool:
+    """Whether a WORD is the shape's label or step id, or (ending in ``*``) begins one."""
+    names = (shape["label"], shape["step"])
+    return any(n.startswith(w[:-1]) if w.endswith("*") else w in names for w in words for n in names)
+
+
+def _progress(line: str) -> None:
+    print(f"[first_request {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+def _warm_runs(base: dict[str, Any], shapes: list[Shape], args: argparse.Namespace) -> tuple[list[dict[str, Any]], float]:
+    """``--warm-runs`` warm processes, one after another, sharing one compile-cache
+    directory (the first starts it empty, the later ones load from it, as a restarted
+    server does). Each shape's first call is the median over the runs (a first call
+    happens once a process, and a GPU's call-to-call jitter is tens of percent at a few
+    milliseconds); ``first_runs_s`` keeps every run's figure."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="warmplan-bench-warm-") as cache_dir:
+        for i in range(args.warm_runs):
+            run = _run_child({**base, "mode": "warm", "shapes": shapes}, timeout_s=args.timeout, cache_dir=cache_dir)
+            _progress(f"warm run {i + 1}/{args.warm_runs}: {len(shapes)} shapes measured after a "
+                      f"{run['warmup_s']:.1f}s warmup ({run['warmup_compiles']} compiles)")
+            for w in run["shapes"]:
+                _progress(f"  warm {w['label']}: first {_ms(w['first_s'])} ms, steady {_ms(w['steady_s'])} ms, "
+                          f"idle {_ms(w.get('idle_s'))} ms, {w['compiles']} compiles")
+            runs.append(run)
+    merged = []
+    for per_run in zip(*(r["shapes"] for r in runs), strict=True):
+        def med(key: str, rows: tuple[dict[str, Any], ...] = per_run) -> float | None:
+            values = [r[key] for r in rows if r.get(key) is not None]
+            return statistics.median(values) if values else None
+        merged.append({
+            **per_run[0], "first_s": med("first_s"), "steady_s": med("steady_s"), "idle_s": med("idle_s"),
+            "first_runs_s": [r["first_s"] for r in per_run], "compiles": sum(r["compiles"] for r in per_run),
+        })
+    return merged, runs[0]["warmup_s"]
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     base = {
         "plan": str(args.plan), "device": args.device, "model_config": args.model_config,
-        "repeat": args.repeat, "call": args.call, "pause": args.pause,
+        "repeat": args.repeat, "call": args.call, "pause": args.pause, "prime": args.prime,
     }
     list_spec = {**base, "mode": "cold", "repeat": 0, "shapes": None, "list_only": True}
     shapes: list[Shape] = _run_child(list_spec, timeout_s=args.timeout)["shapes"]
     if args.only:
-        shapes = [s for s in shapes if any(word in s["label"] or word in s["step"] for word in args.only)]
+        shapes = [s for s in shapes if _matches(s, args.only)]
         if not shapes:
             raise SystemExit(f"first_request: no shape's label or step id contains any of {args.only}")
     if args.isolate:
         warm = [_run_child({**base, "mode": "warm", "shapes": [s]}, timeout_s=args.timeout)["shapes"][0] for s in shapes]
         warmup_s = None
     else:
-        run = _run_child({**base, "mode": "warm", "shapes": shapes}, timeout_s=args.timeout)
-        warm, warmup_s = run["shapes"], run.get("warmup_s")
-    cold = [_run_child({**base, "mode": "cold", "shapes": [s]}, timeout_s=args.timeout)["shapes"][0] for s in shapes]
+        warm, warmup_s = _warm_runs(base, shapes, args)
+    cold: list[dict[str, Any] | None] = []
+    for s in shapes:
+        if args.cold_only is not None and not _matches(s, args.cold_only):
+            cold.append(None)
+            continue
+        c = _run_child({**base, "mode": "cold", "shapes": [s]}, timeout_s=args.timeout)["shapes"][0]
+        _progress(f"cold {s['label']}: {c['first_s'] * 1000:.1f} ms, {c['compiles']} compiles")
+        cold.append(c)
     rows = []
     for s, w, c in zip(shapes, warm, cold, strict=True):
-        steady = w["steady_s"] if w["steady_s"] is not None else c["steady_s"]
+        steady = w["steady_s"] if w["steady_s"] is not None or c is None else c["steady_s"]
+        c = c or {"first_s": None, "compiles": ""}
         rows.append({
             "shape": s["label"], "step": s["step"],
             "cold_ms": _ms(c["first_s"]), "cold_compiles": c["compiles"],
@@ -226,7 +288,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "warm/steady": _ratio(w["first_s"], steady), "cold/steady": _ratio(c["first_s"], steady),
             "_cold_s": c["first_s"], "_warm_s": w["first_s"], "_steady_s": steady,
         })
-    return {**base, "warmup_s": warmup_s, "rows": rows}
+    return {**base, "warm_runs": 1 if args.isolate else args.warm_runs, "warmup_s": warmup_s, "rows": rows}
 
 
 COLUMNS = ["shape", "cold_ms", "cold_compiles", "warm_ms", "warm_compiles", "steady_ms", "idle_ms", "warm/steady", "warm/idle", "cold/steady"]
@@ -238,6 +300,8 @@ def render(result: dict[str, Any]) -> str:
     lines = ["  ".join(cell.rjust(widths[i]) if i else cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     head = f"plan {result['plan']} on {result['device']}, steady = median of {result['repeat']} calls"
+    if result.get("warm_runs", 1) > 1:
+        head += f", warm = median first call of {result['warm_runs']} warm processes"
     if result.get("warmup_s") is not None:
         head += f"; the plan ran in {result['warmup_s']:.2f}s"
     return head + "\n" + "\n".join(lines)
@@ -251,8 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20, help="steady-state calls per shape (median)")
     parser.add_argument("--pause", type=float, default=0.2, help="idle seconds before each 'idle' call (0: none)")
     parser.add_argument("--call", choices=["execute", "step"], default="execute", help="execute: a serving batch of the shape; step: the step's own call")
+    parser.add_argument("--prime", action=argparse.BooleanOptionalAction, default=True,
+                        help="call another (already measured) shape right before each first call, so that it meets a busy machine as the steady calls do")
+    parser.add_argument("--warm-runs", type=int, default=1, metavar="N", help="warm processes (sharing a compile cache); first calls are their median")
     parser.add_argument("--isolate", action="store_true", help="one fresh process per shape for the warm measurement too")
-    parser.add_argument("--only", nargs="*", metavar="WORD", help="measure only shapes whose label contains a WORD")
+    parser.add_argument("--only", nargs="*", metavar="WORD", help="measure only these shapes: a label ('uniform_decode 8') or step id, or a prefix ending in '*' ('uniform_decode*')")
+    parser.add_argument("--cold-only", nargs="*", metavar="WORD", help="measure the cold first call only for these shapes (same syntax as --only); the others get warm, steady and idle only")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers here")
     parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
