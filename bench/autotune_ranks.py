@@ -1,13 +1,15 @@
-"""Autotune across ranks on CPU (gloo): how long the autotune step takes for 1, 2 and
-4 ranks under the leader and every_rank policies, with a cold and a warm cache, using
-the built-in engine's ``builtin`` backend; and how long a follower's warmup takes with
-and without shared compile caches.
+"""Autotune across ranks: how long the autotune step takes for 1, 2 and 4 ranks under
+the leader and every_rank policies, with a cold and a warm cache, for one or more of
+the built-in engine's backends (``builtin`` on CPU with gloo; ``builtin``, ``triton``
+and ``flashinfer`` on CUDA with NCCL, one GPU a rank); and how long a follower's
+warmup takes with and without shared compile caches.
 
     python bench/autotune_ranks.py [--ranks 1 2 4] [--tokens 256] [--skip-compile] [--json]
+    python bench/autotune_ranks.py --device cuda --ranks 1 --backend builtin triton flashinfer
 
 Each configuration is a fresh launch of N processes (torchrun-style env, gloo). The
 step time is the slowest rank's ``run_autotune`` wall time (world setup and imports
-excluded). The autotune runs use ``compile=False`` (eager forward: the step's cost is
+excluded, and one untimed forward at 1 token first). The autotune runs use ``compile=False`` (eager forward: the step's cost is
 then tuning, file I/O and collectives, not torch.compile); the compile-cache runs use
 ``compile=True`` with 2 ranks and one dummy-run shape.
 """
@@ -46,20 +48,26 @@ def rank_main(job: dict[str, Any]) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     log = structlog.get_logger("bench")
     world = current_world(timeout_s=600)
-    worker = BuiltinWorker({"device": "cpu", "num_layers": 1}, world=world, compile=job["kind"] == "compile")
+    worker = BuiltinWorker({"device": job["device"], "num_layers": 1}, world=world, compile=job["kind"] == "compile")
     result: dict[str, Any] = {}
     if job["kind"] == "autotune":
+        # One untimed forward at a size the step does not tune first: the process's first
+        # forward (CUDA context, library handles, kernel loads, FlashInfer's JIT build)
+        # is not the autotune step's cost, and cold and warm would both pay it.
+        worker.dummy_run("plain", 1)
+        worker.synchronize()
         name = f"tune.rank{world.rank}.json" if job["policy"] == "every_rank" else "tune.json"
         step = ResolvedStep(
             id="autotune", kind="autotune", requested=(job["tokens"],), applied=(job["tokens"],),
-            clamp_to="max_num_batched_tokens", limit=job["tokens"], shape="plain", backend="builtin",
+            clamp_to="max_num_batched_tokens", limit=job["tokens"], shape="plain", backend=job["backend"],
             policy=job["policy"], timeout_s=600, config_hash="bench",
-            cache_path=os.path.join(os.environ["WARMPLAN_CACHE_ROOT"], "autotune", name),
+            cache_path=os.path.join(os.environ["WARMPLAN_CACHE_ROOT"], "autotune", job["backend"], name),
         )
         world.barrier(timeout_s=600)
         t = time.perf_counter()
         with worker.preserve_state():
             out = run_autotune(step, worker, log=log)
+        worker.synchronize()
         result = {"seconds": time.perf_counter() - t, "decision": out.decision}
     else:
         from warmplan.compile_cache import share_compile_caches
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--compile-tokens", type=int, default=16)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: NCCL, one GPU a rank")
+    ap.add_argument("--backend", nargs="+", default=["builtin"], choices=["builtin", "triton", "flashinfer"])
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -128,37 +138,44 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.device == "cuda" and max(args.ranks) > torch.cuda.device_count():
+        ap.error(f"--ranks {max(args.ranks)} needs as many GPUs; this host has {torch.cuda.device_count()}")
     rows: list[dict[str, Any]] = []
-    for policy in ("leader", "every_rank"):
-        for n in args.ranks:
-            root = tempfile.mkdtemp(prefix="wp-bench-cache-")
-            env = [{"WARMPLAN_CACHE_ROOT": root}] * n
-            for phase in ("cold", "warm"):
-                res = launch(n, {"kind": "autotune", "policy": policy, "tokens": args.tokens}, env)
-                rows.append({
-                    "policy": policy, "ranks": n, "cache": phase,
-                    "step_s": max(r["seconds"] for r in res),
-                    "decisions": sorted({r["decision"] for r in res}),
-                })
+    for backend in args.backend:
+        for policy in ("leader", "every_rank"):
+            for n in args.ranks:
+                root = tempfile.mkdtemp(prefix="wp-bench-cache-")
+                env = [{"WARMPLAN_CACHE_ROOT": root}] * n
+                for phase in ("cold", "warm"):
+                    job = {"kind": "autotune", "policy": policy, "tokens": args.tokens, "backend": backend, "device": args.device}
+                    res = launch(n, job, env)
+                    rows.append({
+                        "backend": backend, "policy": policy, "ranks": n, "cache": phase,
+                        "step_s": max(r["seconds"] for r in res),
+                        "decisions": sorted({r["decision"] for r in res}),
+                    })
+                    print(f"[autotune_ranks] {backend} {policy} {n} ranks {phase}: {rows[-1]['step_s']:.3f}s", file=sys.stderr, flush=True)
     compile_rows: list[dict[str, Any]] = []
     if not args.skip_compile:
         for share in (False, True):
             base = tempfile.mkdtemp(prefix="wp-bench-ind-")
             env = [{"TORCHINDUCTOR_CACHE_DIR": f"{base}/r{r}", "TRITON_CACHE_DIR": f"{base}/t{r}"} for r in range(2)]
-            res = launch(2, {"kind": "compile", "share": share, "tokens": args.compile_tokens}, env)
+            res = launch(2, {"kind": "compile", "share": share, "tokens": args.compile_tokens, "device": args.device}, env)
             compile_rows.append({"shared": share, "follower_own_s": res[1]["own_s"],
                                  "follower_until_warm_s": res[1]["until_warm_s"], "bytes": res[0].get("bytes", 0)})
 
+    card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     meta = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "tokens": args.tokens}
+            "card": card, "tokens": args.tokens, "device": args.device}
     if args.json:
         print(json.dumps({"meta": meta, "autotune": rows, "compile_cache": compile_rows}, indent=1))
         return 0
-    print(f"# autotune step, builtin backend, CPU gloo ({meta['date']}, torch {meta['torch']}, {meta['cpus']} CPUs, tokens={args.tokens})")
-    print("| policy | ranks | cache | step wall time (s) | decision |")
-    print("| --- | ---: | --- | ---: | --- |")
+    comm = "NCCL" if args.device == "cuda" else "gloo"
+    print(f"# autotune step, {meta['card']}, {comm} ({meta['date']}, torch {meta['torch']}, tokens={args.tokens})")
+    print("| backend | policy | ranks | cache | step wall time (s) | decision |")
+    print("| --- | --- | ---: | --- | ---: | --- |")
     for r in rows:
-        print(f"| {r['policy']} | {r['ranks']} | {r['cache']} | {r['step_s']:.3f} | {'/'.join(r['decisions'])} |")
+        print(f"| {r['backend']} | {r['policy']} | {r['ranks']} | {r['cache']} | {r['step_s']:.3f} | {'/'.join(r['decisions'])} |")
     if compile_rows:
         print()
         print(f"# follower warmup, 2 ranks, compile=True, one dummy run of {args.compile_tokens} tokens")
