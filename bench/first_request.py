@@ -9,12 +9,18 @@ TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR):
 * ``warm``   - its first call after the whole plan ran (in one process for all
   shapes, or one each with ``--isolate``); with ``--warm-runs N``, the median of N
   such processes run one after another on one compile-cache directory (the first
-  starts it empty, the others load from it, like a restarted server);
-  Unless ``--no-prime``, each first call comes right after one call of another
-  shape, so that it meets the machine as busy as the steady calls do;
+  starts it empty, the others load from it, like a restarted server). Unless
+  ``--no-prime``, each first call comes right after one call of another,
+  already measured shape (of the same kind where there is one), so that it meets
+  the machine as busy as the steady calls do;
 * ``steady`` - the median of ``--repeat`` further calls, back to back;
+* ``switched`` - the median of calls each made right after the primer call, as the
+  first call was: the control that tells what being new costs a shape
+  (warm/switched) from what following other work costs any call;
 * ``idle``   - the median of calls each made after ``--pause`` seconds of idling,
-  which is what a request meets on a server that was not busy a moment before.
+  which is what a request meets on a server that was not busy a moment before
+  (measured after all the first and steady calls: a call right after a pause is
+  slow, and so is the next one for a while).
 
 A dummy-run shape is called the way serving would (``worker.execute`` of the batch
 the engine's dummy run builds) when the worker can; a slot-mapping size through
@@ -126,6 +132,20 @@ def _timed(worker: Any, call: Any) -> float:
     return time.perf_counter() - started
 
 
+def _primer(shapes: list[Shape], i: int) -> int | None:
+    """The shape to call right before shape ``i``'s first call: the last one measured
+    of the same kind and dummy-run shape, else of the same kind, else the one before.
+    Never a shape not measured yet (its own first call would be spent), so the first
+    shape, which comes straight after the plan, has none."""
+    if i == 0:
+        return None
+    for keys in (("kind", "shape"), ("kind",)):
+        for j in range(i - 1, -1, -1):
+            if all(shapes[j][k] == shapes[i][k] for k in keys):
+                return j
+    return i - 1
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement (``spec['mode']`` cold or warm) and return its numbers."""
     from warmplan.log import configure
@@ -149,12 +169,14 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         for i, shape in enumerate(shapes):
             call = callers[i]
             label = f"first[{i}]"
-            if spec.get("prime", True) and len(callers) > 1:
-                # One call of another shape right before the first call, so that it meets
-                # the machine as busy as the steady calls do (clocks up, caches hot):
-                # what is left between first and steady is then the shape being new.
+            primer = _primer(shapes, i) if spec.get("prime", True) else None
+            if primer is not None:
+                # One call of another, already measured shape right before the first
+                # call, so that it meets the machine as busy as the steady calls do
+                # (clocks up, caches hot): what is left between first and steady is then
+                # the shape being new.
                 with monitor.attribute(f"prime[{i}]"), worker.preserve_state():
-                    _timed(worker, callers[i - 1] if i else callers[1])
+                    _timed(worker, callers[primer])
             with monitor.attribute(label), worker.preserve_state():
                 first = _timed(worker, call)
             # Steady calls run exactly as the first did (same state snapshot before each,
@@ -164,19 +186,33 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             for _ in range(spec["repeat"]):
                 with monitor.attribute(f"steady[{i}]"), worker.preserve_state():
                     steady.append(_timed(worker, call))
-            # The same call after the server sat idle for a moment: a CPU's caches and
-            # threads go cold in ~50 ms, which costs a sub-millisecond call as much as
-            # it costs the first call after warmup (no compile involved).
+            # The control for the first call: the same primer call, then the same call,
+            # now not the first. first/switched is what being new costs the shape;
+            # switched/steady is what coming after other work costs any call.
+            switched = []
+            for _ in range(spec["repeat"] // 2 if primer is not None else 0):
+                assert primer is not None
+                with monitor.attribute(f"prime[{i}]"), worker.preserve_state():
+                    _timed(worker, callers[primer])
+                with monitor.attribute(f"switched[{i}]"), worker.preserve_state():
+                    switched.append(_timed(worker, call))
+            out["shapes"].append({
+                **shape, "first_s": first, "steady_s": statistics.median(steady) if steady else None,
+                "switched_s": statistics.median(switched) if switched else None,
+                "compiles": monitor.compiles(label), "cache_loads": monitor.cache_loads(label),
+            })
+        # The same calls after the server sat idle for a moment: a CPU's caches and
+        # threads, a GPU's clocks, go cold within ~50 ms, which costs a sub-millisecond
+        # call more than being a shape's first call after warmup does. In a pass of their
+        # own, after every first call: a call right after an idle pause is slow for a
+        # while, and would slow the next shape's first call down with it.
+        for i, row in enumerate(out["shapes"]):
             idle = []
             for _ in range(spec["repeat"] // 2 if spec.get("pause", 0) > 0 else 0):
                 time.sleep(spec["pause"])
                 with monitor.attribute(f"idle[{i}]"), worker.preserve_state():
-                    idle.append(_timed(worker, call))
-            out["shapes"].append({
-                **shape, "first_s": first, "steady_s": statistics.median(steady) if steady else None,
-                "idle_s": statistics.median(idle) if idle else None,
-                "compiles": monitor.compiles(label), "cache_loads": monitor.cache_loads(label),
-            })
+                    idle.append(_timed(worker, callers[i]))
+            row["idle_s"] = statistics.median(idle) if idle else None
     return out
 
 
@@ -236,7 +272,7 @@ def _warm_runs(base: dict[str, Any], shapes: list[Shape], args: argparse.Namespa
                       f"{run['warmup_s']:.1f}s warmup ({run['warmup_compiles']} compiles)")
             for w in run["shapes"]:
                 _progress(f"  warm {w['label']}: first {_ms(w['first_s'])} ms, steady {_ms(w['steady_s'])} ms, "
-                          f"idle {_ms(w.get('idle_s'))} ms, {w['compiles']} compiles")
+                          f"switched {_ms(w.get('switched_s'))} ms, idle {_ms(w.get('idle_s'))} ms, {w['compiles']} compiles")
             runs.append(run)
     merged = []
     for per_run in zip(*(r["shapes"] for r in runs), strict=True):
@@ -245,6 +281,7 @@ def _warm_runs(base: dict[str, Any], shapes: list[Shape], args: argparse.Namespa
             return statistics.median(values) if values else None
         merged.append({
             **per_run[0], "first_s": med("first_s"), "steady_s": med("steady_s"), "idle_s": med("idle_s"),
+            "switched_s": med("switched_s"),
             "first_runs_s": [r["first_s"] for r in per_run], "compiles": sum(r["compiles"] for r in per_run),
         })
     return merged, runs[0]["warmup_s"]
@@ -285,13 +322,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "steady_ms": _ms(steady),
             "idle_ms": _ms(w.get("idle_s")),
             "warm/idle": _ratio(w["first_s"], w.get("idle_s")),
+            "switched_ms": _ms(w.get("switched_s")),
+            "warm/switched": _ratio(w["first_s"], w.get("switched_s")),
             "warm/steady": _ratio(w["first_s"], steady), "cold/steady": _ratio(c["first_s"], steady),
             "_cold_s": c["first_s"], "_warm_s": w["first_s"], "_steady_s": steady,
         })
     return {**base, "warm_runs": 1 if args.isolate else args.warm_runs, "warmup_s": warmup_s, "rows": rows}
 
 
-COLUMNS = ["shape", "cold_ms", "cold_compiles", "warm_ms", "warm_compiles", "steady_ms", "idle_ms", "warm/steady", "warm/idle", "cold/steady"]
+COLUMNS = [
+    "shape", "cold_ms", "cold_compiles", "warm_ms", "warm_compiles", "steady_ms", "switched_ms", "idle_ms",
+    "warm/steady", "warm/switched", "warm/idle", "cold/steady",
+]
 
 
 def render(result: dict[str, Any]) -> str:

@@ -67,3 +67,18 @@ def test_warm_runs_take_the_median_first_call_and_sum_compiles(bench: ModuleType
     assert [m["idle_s"] for m in merged] == [None, None]
     assert [m["compiles"] for m in merged] == [0, 3]  # every run's compiles count
     assert len(set(cache_dirs)) == 1 and cache_dirs[0] is not None  # one shared cache dir
+
+
+def test_primer_is_an_already_measured_shape_of_the_same_kind(bench: ModuleType) -> None:
+    shapes = [
+        {"kind": "slot_mapping", "shape": None, "label": "slot_mapping 1"},
+        {"kind": "slot_mapping", "shape": None, "label": "slot_mapping 2"},
+        {"kind": "dummy_run", "shape": "uniform_decode", "label": "uniform_decode 1"},
+        {"kind": "dummy_run", "shape": "plain", "label": "plain 128"},
+        {"kind": "dummy_run", "shape": "uniform_decode", "label": "uniform_decode 2"},
+        {"kind": "slot_mapping", "shape": None, "label": "slot_mapping 3"},
+    ]
+    primers = [bench._primer(shapes, i) for i in range(len(shapes))]
+    # first: nothing measured yet; first of its kind: the one before; then same kind/shape
+    assert primers == [None, 0, 1, 2, 2, 1]
+    assert all(p is None or p < i for i, p in enumerate(primers))  # never an unmeasured shape
