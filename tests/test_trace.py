@@ -57,7 +57,10 @@ def test_blank_and_comment_lines_are_skipped_and_lines_kept(tmp_path: Path) -> N
             "[1, 2]",
             'expected a JSON object like {"decode": 4, "prefill": [{"tokens": 128}]}, found array [1, 2]',
         ),
-        ('{"decodes": 4}', "unknown key 'decodes'; expected one of decode, prefill"),
+        (
+            '{"decodes": 4}',
+            "unknown key 'decodes'; expected one of decode, prefill, step, compiles",
+        ),
         ('{"decode": -1}', "field 'decode': expected a non-negative integer, found -1"),
         ('{"decode": "7"}', "field 'decode': expected a non-negative integer, found string \"7\""),
         ('{"decode": 2.5}', "field 'decode': expected a non-negative integer, found 2.5"),

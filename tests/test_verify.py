@@ -19,7 +19,7 @@ from warmplan.errors import UserError
 from warmplan.plan import Plan, parse_plan
 from warmplan.testing import RecordingWorker
 from warmplan.trace import load_trace_entries
-from warmplan.workers.base import Batch, Shape
+from warmplan.workers.base import Batch, PrefillChunk, Shape
 
 
 @pytest.fixture(autouse=True)
@@ -151,14 +151,14 @@ def test_uncovered_sizes_are_reported_per_batch(tmp_path: Path) -> None:
     """Sizes the plan missed compile during the replay, each attributed to its batch."""
     trace = _trace(tmp_path, TRACE)
     result = verify_cmd.verify(
-        _load(_plan(tmp_path, 1)), CompilingWorker(), load_trace_entries(trace), trace=str(trace)
+        _load(_plan(tmp_path, 1)), CompilingWorker(), load_trace_entries(trace), path=str(trace)
     )
     assert result.compiles == 2
     assert result.batches_hit == [1, 2]
     assert result.rows() == [
         {
             "batch": 1,
-            "line": 3,
+            "line": "3",
             "kind": "dynamo",
             "name": "forward",
             "key": "x=float32[16]",
@@ -167,7 +167,7 @@ def test_uncovered_sizes_are_reported_per_batch(tmp_path: Path) -> None:
         },
         {
             "batch": 2,
-            "line": 4,
+            "line": "4",
             "kind": "dynamo",
             "name": "forward",
             "key": "x=float32[64]",
@@ -193,17 +193,39 @@ def test_worker_without_execute_is_a_user_error(tmp_path: Path) -> None:
         verify_cmd.verify(_load(_plan(tmp_path, 1)), NoServingWorker(), entries)
 
 
-def test_batch_over_the_limits_fails_before_warmup(tmp_path: Path) -> None:
-    """A batch the worker could never run is a UserError at its line; the plan does not run."""
-    trace = _trace(tmp_path, '{"decode": 1}\n{"prefill": [{"tokens": 65}]}\n')
+def test_batch_over_the_limits_is_rechunked(tmp_path: Path) -> None:
+    """A batch over the worker's budget runs as consecutive batches within it."""
+    trace = _trace(tmp_path, '{"decode": 1}\n{"decode": 3, "prefill": [{"tokens": 70}]}\n')
     worker = CompilingWorker()
-    with pytest.raises(
-        UserError,
-        match=r"trace\.jsonl:2: batch of 65 tokens exceeds the worker's max_num_batched_tokens 64",
-    ):
+    result = verify_cmd.verify(
+        _load(_plan(tmp_path, 1, 16, 64)), worker, load_trace_entries(trace), path=str(trace)
+    )
+    assert [c.args["batch"] for c in worker.calls_named("execute")] == [
+        Batch(decode=1),
+        Batch(decode=3, prefill=(PrefillChunk(61),)),
+        Batch(prefill=(PrefillChunk(9, 61),)),
+    ]
+    assert result.replay is not None
+    assert result.replay.describe() == [
+        "re-chunked 1 of 2 batches over max_num_batched_tokens 64, max_num_seqs 16 into 2:",
+        "  line 2: 73 tokens (3 decodes + 1 chunk) -> 64 + 9",
+    ]
+    assert [e.line for e in result.entries] == [1, 2, 2]
+
+
+def test_chunk_past_max_model_len_fails_before_warmup(tmp_path: Path) -> None:
+    """A chunk that reaches past the worker's max_model_len is a UserError at its line."""
+    trace = _trace(tmp_path, '{"decode": 1}\n{"prefill": [{"tokens": 8, "context": 4090}]}\n')
+    worker = CompilingWorker()
+    worker.config = type("Config", (), {"max_model_len": 4096})()
+    with pytest.raises(UserError) as caught:
         verify_cmd.verify(
-            _load(_plan(tmp_path, 1)), worker, load_trace_entries(trace), trace=str(trace)
+            _load(_plan(tmp_path, 1)), worker, load_trace_entries(trace), path=str(trace)
         )
+    assert str(caught.value) == (
+        f"{trace}:2: field 'prefill[0]': a chunk of 8 tokens after 4090 cached reaches "
+        "4098 tokens of context; the worker's max_model_len is 4096"
+    )
     assert worker.calls == []
 
 

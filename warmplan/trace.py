@@ -1,6 +1,8 @@
-"""Serving traces: the batches a worker really sees, replayed by ``warmplan verify``.
+"""Serving traces, replayed by ``warmplan verify`` and written by ``warmplan record``.
 
-A trace is JSON Lines, one batch a line::
+A trace is JSON Lines and holds either batches (what a worker executed, one batch a
+line) or requests (what a server was asked, one request a line; the scheduler model
+in ``warmplan.scheduler`` turns them into batches). A batch-level trace::
 
     # a comment; blank lines are allowed too
     {"decode": 7, "prefill": [{"tokens": 512, "context": 0}, {"tokens": 128, "context": 1024}]}
@@ -10,6 +12,19 @@ A trace is JSON Lines, one batch a line::
 ``decode`` is the number of one-token decode requests (default 0); ``prefill`` the
 prefill chunks (default none), each ``tokens`` new tokens (>= 1) after ``context``
 tokens already in the KV cache (default 0). A batch must hold at least one token.
+A recorded batch may also carry ``step`` (the worker's batch counter when it ran) and
+``compiles`` (what the JIT monitor saw while it ran; see ``warmplan.record``).
+
+A request-level trace::
+
+    {"arrival_step": 0, "prompt_tokens": 1800, "cached_tokens": 512, "output_tokens": 120}
+    {"arrival_s": 0.35, "prompt_tokens": 90, "output_tokens": 40, "id": "chat-7"}
+
+``arrival_step`` (the scheduler step it arrives at) or ``arrival_s`` (seconds since
+the trace began; default: ``arrival_step`` 0), ``prompt_tokens`` (>= 1),
+``cached_tokens`` (prefix-cache hit, 0 <= hit <= prompt; default 0), ``output_tokens``
+(>= 1), and an optional ``id``. A file holds one kind or the other.
+
 Every problem is reported as ``file:line: ...`` naming the field, what was found and
 what was expected; nothing of a bad trace is returned.
 """
@@ -21,23 +36,102 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from warmplan.errors import UserError
 from warmplan.workers.base import Batch, Limits, PrefillChunk
 
-BATCH_KEYS = ("decode", "prefill")
+BATCH_KEYS = ("decode", "prefill", "step", "compiles")
 CHUNK_KEYS = ("tokens", "context")
+REQUEST_KEYS = (
+    "id",
+    "arrival_step",
+    "arrival_s",
+    "prompt_tokens",
+    "cached_tokens",
+    "output_tokens",
+)
+COMPILE_KEYS = ("kind", "name", "key", "cache_hit", "duration_s")
+
+TraceKind = Literal["batches", "requests"]
 
 _LABEL_RE = re.compile(r"^batch\[(\d+)\]$")
 
 
 @dataclass(frozen=True, slots=True)
+class RecordedCompile:
+    """A compilation ``warmplan record`` saw while a batch ran (``CompileEvent`` without
+    its label: the batch is the label)."""
+
+    kind: str
+    name: str
+    key: str
+    cache_hit: bool = False
+    duration_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "key": self.key,
+            "cache_hit": self.cache_hit,
+            "duration_s": self.duration_s,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class TraceEntry:
-    """One batch and the 1-based line of the trace it was read from."""
+    """One batch and the 1-based line of the trace it was read from.
+
+    ``lines`` are all the trace lines the batch came from when it was scheduled from
+    requests or re-chunked (``(line,)`` otherwise); ``compiles`` what a recording saw.
+    """
 
     line: int
     batch: Batch
+    compiles: tuple[RecordedCompile, ...] = ()
+    step: int | None = None
+    lines: tuple[int, ...] = ()
+
+    @property
+    def where(self) -> str:
+        """``12``, or ``12,15,19`` for a batch scheduled from several requests."""
+        lines = self.lines or (self.line,)
+        shown = ",".join(str(n) for n in lines[:4])
+        return shown + (f" +{len(lines) - 4}" if len(lines) > 4 else "")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TraceRequest:
+    """One request of a request-level trace (see the module docstring)."""
+
+    line: int
+    id: str
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int = 0
+    arrival_step: int | None = None
+    arrival_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Trace:
+    """A whole trace file: its kind and its batches or its requests."""
+
+    path: str
+    kind: TraceKind
+    batches: tuple[TraceEntry, ...] = ()
+    requests: tuple[TraceRequest, ...] = ()
+
+    @property
+    def recorded_compiles(self) -> int:
+        """Compilations (and disk-cache loads) a recording saw, over all batches."""
+        return sum(len(e.compiles) for e in self.batches)
+
+    @property
+    def recorded(self) -> bool:
+        """Whether any batch carries what ``warmplan record`` writes (``step``)."""
+        return any(e.step is not None for e in self.batches)
 
 
 def batch_label(index: int) -> str:
@@ -119,6 +213,10 @@ def parse_batch(text: str) -> Batch:
 
 
 def _parse(text: str) -> Batch:
+    return _batch(_load_object(text))
+
+
+def _load_object(text: str) -> dict[str, Any]:
     try:
         data = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
@@ -128,6 +226,16 @@ def _parse(text: str) -> Batch:
             'expected a JSON object like {"decode": 4, "prefill": [{"tokens": 128}]}, '
             f"found {_found(data)}"
         )
+    return data
+
+
+def _is_request(data: dict[str, Any]) -> bool:
+    return any(key in data for key in REQUEST_KEYS) and not any(
+        key in data for key in ("decode", "prefill")
+    )
+
+
+def _batch(data: dict[str, Any]) -> Batch:
     _unknown(data, BATCH_KEYS, "")
     decode = _int_field(data.get("decode", 0), "decode", minimum=0)
     raw_chunks = data.get("prefill", [])
@@ -152,25 +260,137 @@ def _parse(text: str) -> Batch:
     return Batch(decode=decode, prefill=tuple(chunks))
 
 
-def load_trace_entries(path: str | Path) -> list[TraceEntry]:
-    """Read a trace, keeping each batch's line; raises ``UserError`` naming file:line."""
+def _compiles(data: dict[str, Any]) -> tuple[RecordedCompile, ...]:
+    raw = data.get("compiles", [])
+    if not isinstance(raw, list):
+        raise _Problem(
+            f"field 'compiles': expected an array of compile events, found {_found(raw)}"
+        )
+    out = []
+    for i, item in enumerate(raw):
+        where = f"compiles[{i}]"
+        if not isinstance(item, dict):
+            raise _Problem(
+                f'field {where!r}: expected an object like {{"kind": "dynamo", "name": "forward", '
+                f'"key": "..."}}, found {_found(item)}'
+            )
+        _unknown(item, COMPILE_KEYS, f"field {where!r}: ")
+        texts = []
+        for name in ("kind", "name", "key"):
+            value = item.get(name)
+            if not isinstance(value, str):
+                raise _Problem(f"field '{where}.{name}': expected a string, found {_found(value)}")
+            texts.append(value)
+        hit = item.get("cache_hit", False)
+        if not isinstance(hit, bool):
+            raise _Problem(
+                f"field '{where}.cache_hit': expected true or false, found {_found(hit)}"
+            )
+        duration = item.get("duration_s")
+        if duration is not None and (
+            isinstance(duration, bool) or not isinstance(duration, int | float) or duration < 0
+        ):
+            raise _Problem(
+                f"field '{where}.duration_s': expected a non-negative number or null, found {_found(duration)}"
+            )
+        out.append(RecordedCompile(texts[0], texts[1], texts[2], hit, duration))
+    return tuple(out)
+
+
+def _entry(number: int, data: dict[str, Any]) -> TraceEntry:
+    batch = _batch(data)
+    step = data.get("step")
+    if step is not None:
+        step = _int_field(step, "step", minimum=0)
+    return TraceEntry(line=number, batch=batch, compiles=_compiles(data), step=step)
+
+
+def _request(number: int, data: dict[str, Any]) -> TraceRequest:
+    _unknown(data, REQUEST_KEYS, "")
+    for name in ("prompt_tokens", "output_tokens"):
+        if name not in data:
+            raise _Problem(f"field {name!r}: missing; expected a positive integer")
+    prompt = _int_field(data["prompt_tokens"], "prompt_tokens", minimum=1)
+    output = _int_field(data["output_tokens"], "output_tokens", minimum=1)
+    cached = _int_field(data.get("cached_tokens", 0), "cached_tokens", minimum=0)
+    if cached > prompt:
+        raise _Problem(
+            f"field 'cached_tokens': a prefix-cache hit of {cached} tokens is longer than "
+            f"the prompt ({prompt} tokens); expected 0 <= cached_tokens <= prompt_tokens"
+        )
+    if "arrival_step" in data and "arrival_s" in data:
+        raise _Problem("fields 'arrival_step' and 'arrival_s': expected one of them, found both")
+    step = None
+    if "arrival_step" in data:
+        step = _int_field(data["arrival_step"], "arrival_step", minimum=0)
+    seconds = None
+    if "arrival_s" in data:
+        value = data["arrival_s"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise _Problem(
+                f"field 'arrival_s': expected a non-negative number, found {_found(value)}"
+            )
+        seconds = float(value)
+    ident = data.get("id", f"line-{number}")
+    if not isinstance(ident, str | int) or isinstance(ident, bool):
+        raise _Problem(f"field 'id': expected a string, found {_found(ident)}")
+    return TraceRequest(
+        line=number,
+        id=str(ident),
+        prompt_tokens=prompt,
+        output_tokens=output,
+        cached_tokens=cached,
+        arrival_step=step,
+        arrival_s=seconds,
+    )
+
+
+def read_trace(path: str | Path) -> Trace:
+    """Read a batch-level or request-level trace; raises ``UserError`` naming file:line."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read trace: {exc}") from None
-    entries = []
+    entries: list[TraceEntry] = []
+    requests: list[TraceRequest] = []
+    first: tuple[TraceKind, int] | None = None
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
         try:
-            entries.append(TraceEntry(line=number, batch=_parse(stripped)))
+            data = _load_object(stripped)
+            kind: TraceKind = "requests" if _is_request(data) else "batches"
+            if first is None:
+                first = (kind, number)
+            elif kind != first[0]:
+                what = "a request" if kind == "requests" else "a batch"
+                raise _Problem(
+                    f"{what} in a trace of {first[0]} (from line {first[1]}); "
+                    "a trace holds batches or requests, not both"
+                )
+            if kind == "requests":
+                requests.append(_request(number, data))
+            else:
+                entries.append(_entry(number, data))
         except _Problem as exc:
             raise UserError(f"{path}:{number}: {exc}") from None
-    if not entries:
+    if first is None:
         raise UserError(f"{path}: no batches: expected one JSON object a line")
-    return entries
+    return Trace(path=str(path), kind=first[0], batches=tuple(entries), requests=tuple(requests))
+
+
+def load_trace_entries(path: str | Path) -> list[TraceEntry]:
+    """Read a batch-level trace, keeping each batch's line; raises ``UserError`` naming
+    file:line (a request-level trace too: schedule it with ``warmplan.scheduler``)."""
+    trace = read_trace(path)
+    if trace.kind == "requests":
+        raise UserError(
+            f"{path}:{trace.requests[0].line}: a request-level trace; expected batches here "
+            "(warmplan.scheduler.replay_batches schedules requests into batches)"
+        )
+    return list(trace.batches)
 
 
 def load_trace(path: str | Path) -> list[Batch]:

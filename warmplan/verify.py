@@ -1,0 +1,265 @@
+"""Does a plan cover what serving runs? Run it, replay a trace, list what compiled.
+
+``verify(plan, worker, trace)`` runs the plan on the worker with the JIT monitor
+installed, arms the monitor (``warn``), then replays every batch of the trace through
+the worker's serving path (``ServingWorker.execute``), each attributed to
+``batch[N]``. A request-level trace is first scheduled into batches under the
+worker's limits, and a batch-level one has its batches over the limits re-chunked
+(``warmplan.scheduler``); the result says how. A trace written by ``warmplan record``
+carries the compilations the live run saw, and the result compares them with the
+replay's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from warmplan.errors import StepError, UserError
+from warmplan.monitor import CompileEvent, JitMonitor
+from warmplan.plan import Plan
+from warmplan.scheduler import DEFAULT_STEP_S, Replay, SchedulerLimits, replay_batches
+from warmplan.suggest import Suggestion, padding_of, shape_of, suggest
+from warmplan.trace import Trace, TraceEntry, batch_index, batch_label
+from warmplan.workers.base import ServingWorker, Worker
+
+EVENT_COLUMNS = ["batch", "line", "kind", "name", "key", "cache", "time"]
+
+
+@dataclass(slots=True, kw_only=True)
+class VerifyResult:
+    """What a replay saw: the warmup's compiles and every event of the replay."""
+
+    trace: str
+    entries: list[TraceEntry]
+    warmup_compiles: int
+    warmup_cache_loads: int
+    events: list[CompileEvent]
+    batch_seconds: list[float]
+    suggestions: list[Suggestion] = field(default_factory=list)
+    report: Any = None
+    replay: Replay | None = None
+
+    @property
+    def compiles(self) -> int:
+        return sum(1 for e in self.events if not e.cache_hit)
+
+    @property
+    def cache_loads(self) -> int:
+        return sum(1 for e in self.events if e.cache_hit)
+
+    @property
+    def batches_hit(self) -> list[int]:
+        return sorted({i for e in self.events if (i := batch_index(e.label)) is not None})
+
+    @property
+    def covered(self) -> bool:
+        return not self.events
+
+    @property
+    def recorded(self) -> int | None:
+        """Compile events (compiles and disk loads) the recording of this trace saw
+        live, or ``None`` for a trace that was not recorded by ``warmplan record``."""
+        if self.replay is None or not self.replay.trace.recorded:
+            return None
+        return self.replay.trace.recorded_compiles
+
+    def _line(self, index: int | None) -> str | None:
+        if index is None or not 0 <= index < len(self.entries):
+            return None
+        return self.entries[index].where
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for e in self.events:
+            index = batch_index(e.label)
+            out.append(
+                {
+                    "batch": index,
+                    "line": self._line(index),
+                    "kind": e.kind,
+                    "name": e.name,
+                    "key": e.key,
+                    "cache": "disk load" if e.cache_hit else "compile",
+                    "time": None if e.duration_s is None else f"{e.duration_s * 1000:.1f}ms",
+                }
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        events = []
+        for e in self.events:
+            index = batch_index(e.label)
+            entry = (
+                self.entries[index]
+                if index is not None and 0 <= index < len(self.entries)
+                else None
+            )
+            events.append(
+                e.to_dict()
+                | {
+                    "batch": index,
+                    "line": None if entry is None else entry.line,
+                    "lines": None if entry is None else list(entry.lines or (entry.line,)),
+                }
+            )
+        return {
+            "trace": self.trace,
+            "batches": len(self.entries),
+            "covered": self.covered,
+            "warmup": {"compiles": self.warmup_compiles, "cache_loads": self.warmup_cache_loads},
+            "replay": {
+                "compiles": self.compiles,
+                "cache_loads": self.cache_loads,
+                "batches_hit": self.batches_hit,
+                "duration_s": sum(self.batch_seconds),
+                "events": events,
+            },
+            "recorded": None if self.recorded is None else {"events": self.recorded},
+            "scheduling": None if self.replay is None else self.replay.to_dict(),
+            "suggestions": [s.to_step() for s in self.suggestions],
+        }
+
+    def summary(self) -> str:
+        n = len(self.entries)
+        if self.covered:
+            return f"covered: {n} batches from {self.trace} replayed with no compilation"
+        hit = self.batches_hit
+        return (
+            f"NOT covered: {self.compiles} compiles and {self.cache_loads} disk-cache loads "
+            f"in {len(hit)} of {n} batches from {self.trace}"
+        )
+
+    def recorded_line(self) -> str | None:
+        """How the replay compares with what the recording saw live (``None`` when the
+        trace was not recorded)."""
+        live = self.recorded
+        if live is None:
+            return None
+        seen = len(self.events)
+        same = "the same" if seen == live else "DIFFERENT"
+        return (
+            f"recorded live: {live} compile events (compiles and disk loads); "
+            f"this replay: {seen} ({same})"
+        )
+
+
+def _hint_for(entries: Sequence[TraceEntry]) -> Callable[[CompileEvent], str | None]:
+    def hint(event: CompileEvent) -> str | None:
+        index = batch_index(event.label)
+        if index is None or not 0 <= index < len(entries):
+            return None
+        batch = entries[index].batch
+        shape, prior = shape_of(batch)
+        ctx = f" after {prior} tokens of context" if prior else ""
+        return (
+            f"trace line {entries[index].where}: a dummy_run {shape} of {batch.num_tokens} "
+            f"tokens{ctx} would cover it (--suggest prints the steps)"
+        )
+
+    return hint
+
+
+def as_trace(entries: Trace | Sequence[TraceEntry], path: str) -> Trace:
+    """``entries`` as a batch-level ``Trace`` (a ``Trace`` as it is)."""
+    if isinstance(entries, Trace):
+        return entries
+    return Trace(path=path, kind="batches", batches=tuple(entries))
+
+
+def verify(
+    plan: Plan,
+    worker: Worker,
+    trace: Trace | Sequence[TraceEntry],
+    *,
+    path: str = "<trace>",
+    monitor: JitMonitor | None = None,
+    limits: SchedulerLimits | None = None,
+    step_s: float = DEFAULT_STEP_S,
+) -> VerifyResult:
+    """Run ``plan`` on ``worker``, then replay ``trace`` through ``worker.execute``.
+
+    ``trace`` is a ``Trace`` (``warmplan.trace.read_trace``) or a list of batch
+    entries; ``limits`` default to the worker's (``SchedulerLimits.of_worker``).
+    """
+    from warmplan.executor import run_plan
+
+    if not isinstance(worker, ServingWorker):
+        raise UserError(
+            f"warmplan verify replays batches through the worker's serving path, "
+            f"but the {engine_name(worker)!r} worker has no execute(batch)"
+        )
+    source = as_trace(trace, path)
+    replay = replay_batches(source, limits or SchedulerLimits.of_worker(worker), step_s=step_s)
+    entries = list(replay.entries)
+    monitor = monitor or JitMonitor(hint=_hint_for(entries))
+    monitor.install()
+    try:
+        report = run_plan(plan, worker, monitor=monitor)
+        warmup = monitor.events
+        monitor.arm("warn")
+        seconds = replay_entries(worker, entries, monitor, path=source.path)
+        replayed = monitor.events[len(warmup) :]
+    finally:
+        monitor.uninstall()
+    return VerifyResult(
+        trace=source.path,
+        entries=entries,
+        warmup_compiles=sum(1 for e in warmup if not e.cache_hit),
+        warmup_cache_loads=sum(1 for e in warmup if e.cache_hit),
+        events=replayed,
+        batch_seconds=seconds,
+        suggestions=suggest(
+            replayed, [e.batch for e in entries], padded_num_tokens=padding_of(worker)
+        ),
+        report=report,
+        replay=replay,
+    )
+
+
+def replay_entries(
+    worker: ServingWorker,
+    entries: Sequence[TraceEntry],
+    monitor: JitMonitor,
+    *,
+    path: str,
+    after_batch: Callable[[int, TraceEntry, list[CompileEvent]], None] | None = None,
+) -> list[float]:
+    """Execute each batch under ``monitor.attribute(batch[N])``; the seconds each took.
+
+    ``after_batch(index, entry, events)`` gets the events each batch caused. A batch
+    the worker refuses (``ValueError``) is a ``UserError`` at its trace line; any
+    other failure a ``StepError`` (exit 2).
+    """
+    seconds: list[float] = []
+    for index, entry in enumerate(entries):
+        label = batch_label(index)
+        before = len(monitor.events)
+        started = time.perf_counter()
+        try:
+            with monitor.attribute(label):
+                worker.execute(entry.batch)
+                worker.synchronize()
+        except ValueError as exc:
+            raise UserError(
+                f"{path}:{entry.line}: the worker cannot run this batch: {exc}"
+            ) from None
+        except Exception as exc:
+            raise StepError(label, f"{path}:{entry.line}: {type(exc).__name__}: {exc}") from exc
+        seconds.append(time.perf_counter() - started)
+        if after_batch is not None:
+            after_batch(index, entry, monitor.events[before:])
+    return seconds
+
+
+def engine_name(worker: object) -> str:
+    """The engine a worker says it is (``describe().engine``), else its class name."""
+    describe = getattr(worker, "describe", None)
+    if callable(describe):
+        try:
+            return str(describe().engine)
+        except Exception:  # describing the worker is for the message only
+            pass
+    return type(worker).__name__
