@@ -519,7 +519,7 @@ def plugin(fake: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     """vLLM's plugin loader sees warmplan's entry point; the plan is plans/dsv4.yaml."""
     import importlib.metadata
 
-    from warmplan.workers import vllm as adapter_module
+    from warmplan import vllm_plugin as adapter_module
 
     ours = importlib.metadata.EntryPoint(
         name="warmplan", value="warmplan.vllm_plugin:register", group="vllm.general_plugins"
@@ -689,7 +689,7 @@ def test_contract_checks_hold_on_the_fake(fake: Any) -> None:
 
     from tests import test_vllm_contract as contract
 
-    checks = [getattr(contract, n) for n in dir(contract) if n.startswith("test_")]
+    checks = contract.SEED_CHECKS
     assert len(checks) == 8
     for check in checks:
         check(vllm)
@@ -752,7 +752,7 @@ def test_plugin_jit_monitor_warn_keeps_serving(plugin: Any, monkeypatch: pytest.
 def test_plugin_rejects_a_bad_jit_monitor_mode(plugin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bad WARMPLAN_JIT_MONITOR stops startup with the valid choices."""
     from warmplan.errors import UserError
-    from warmplan.workers import vllm as adapter_module
+    from warmplan import vllm_plugin as adapter_module
 
     monkeypatch.setenv("WARMPLAN_JIT_MONITOR", "loud")
     with pytest.raises(UserError) as info:

@@ -288,10 +288,19 @@ class JitMonitor:
                 worker.execute(batch)            # raises JitCompileError on a compile
     """
 
-    def __init__(self, *, mode: MonitorMode = "off", hint: Hint | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        mode: MonitorMode = "off",
+        hint: Hint | None = None,
+        quiet_sources: tuple[str, ...] = (),
+    ) -> None:
         self._check_mode(mode)
         self._mode: MonitorMode = mode
         self._hint = hint
+        # Event kinds recorded and counted but never logged or raised: another
+        # monitor (vLLM's own, for Triton) already reports them.
+        self._quiet = frozenset(quiet_sources)
         self._lock = threading.RLock()
         self._events: list[CompileEvent] = []
         self._labels: list[str] = []
@@ -416,7 +425,7 @@ class JitMonitor:
         with self._lock:
             self._events.append(event)
             index = len(self._events) - 1
-        if self._mode == "off":
+        if self._mode == "off" or event.kind in self._quiet:
             return index
         hint = self._safe_hint(event)
         fields = event.to_dict() | {"hint": hint}

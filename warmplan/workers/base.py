@@ -147,6 +147,23 @@ class AutotuneLoadError(RuntimeError):
     """A backend refused a tuning payload (wrong format, mismatched environment)."""
 
 
+class StepUnsupported(Exception):
+    """Raised by a worker, before it changed anything, when a step cannot do on this
+    worker what it is for: the kernel it warms does not vary with what the step
+    varies, or it would run collectives where the worker must stay process-local.
+    The executor records the step as skipped with this message as the reason; it is
+    never a silent different run."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineWarmup:
+    """One of an engine's own named warmups (a function its hard-coded warmup calls)."""
+
+    name: str
+    description: str
+    collective: bool = False  # runs collectives: every rank must call it
+
+
 @runtime_checkable
 class Worker(Protocol):
     """What a warmup step may ask of an inference worker, and nothing else."""
@@ -185,6 +202,18 @@ class Worker(Protocol):
 
     def autotune_backend(self, name: str) -> AutotuneBackend | None:
         """The backend called ``name``, or ``None`` when this worker has none."""
+
+
+@runtime_checkable
+class EngineWarmupWorker(Worker, Protocol):
+    """A worker whose engine has named warmups of its own (vLLM's ``kernel_warmup()``
+    parts), which the ``engine_warmup`` step runs one at a time."""
+
+    def engine_warmups(self) -> Mapping[str, EngineWarmup]:
+        """The named warmups this engine offers, in the engine's own order."""
+
+    def run_engine_warmup(self, name: str) -> None:
+        """Run the engine's warmup called ``name`` (a key of :meth:`engine_warmups`)."""
 
 
 @runtime_checkable

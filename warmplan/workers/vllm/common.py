@@ -1,0 +1,300 @@
+"""What every vLLM runner layout shares: versions, the world group, FlashInfer's
+autotuner as vLLM drives it, and the error for what the installed vLLM cannot do.
+
+Every ``import vllm`` of warmplan lives in :mod:`warmplan.workers.vllm`, inside
+functions: importing it needs torch but not vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import shutil
+import sys
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from warmplan.dist import WorldError, WorldTimeout
+from warmplan.errors import WarmplanError
+from warmplan.log import get_logger
+from warmplan.workers.base import (
+    AutotuneLoadError,
+)
+
+log = get_logger(__name__)
+
+__all__ = [
+    "BACKEND_NAMES",
+    "UnsupportedByVllm",
+    "VllmFlashInferBackend",
+    "VllmWorld",
+    "dist_version",
+    "flashinfer_version",
+    "vllm_version",
+]
+
+# "flashinfer": FlashInfer's general autotuner (vLLM's flashinfer_autotune).
+# "flashinfer_dsv4_decode": the DeepSeek-V4 SM120 sparse-MLA decode autotuner
+# (vLLM's _deepseek_v4_sparse_mla_decode_autotune), a separate FlashInfer context.
+BACKEND_NAMES: tuple[str, ...] = ("flashinfer", "flashinfer_dsv4_decode")
+
+
+class UnsupportedByVllm(WarmplanError):
+    """The installed vLLM cannot do what a step asks (a keyword its API lacks).
+
+    Raised before anything ran; the executor names the step it came from.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, keyword: str, vllm_version: str) -> None:
+        self.keyword = keyword
+        self.vllm_version = vllm_version
+        super().__init__(message)
+
+
+def vllm_version() -> str:
+    try:
+        import vllm
+
+        return str(getattr(vllm, "__version__", "unknown"))
+    except ImportError:
+        return "not installed"
+
+
+def dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def flashinfer_version() -> str | None:
+    version = dist_version("flashinfer-python", "flashinfer")
+    if version is not None:
+        return version
+    module = sys.modules.get("flashinfer")
+    if module is None and importlib.util.find_spec("flashinfer") is not None:
+        try:
+            module = importlib.import_module("flashinfer")
+        except ImportError:
+            module = None
+    return None if module is None else str(getattr(module, "__version__", "unknown"))
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+class VllmWorld:
+    """vLLM's world group (``get_world_group()``) as a :class:`warmplan.dist.World`.
+
+    vLLM's ``GroupCoordinator`` takes no per-call timeout. ``barrier`` therefore uses
+    ``torch.distributed.monitored_barrier`` on the group's gloo ``cpu_group`` when
+    torch.distributed is up, which does honour ``timeout_s`` and names the ranks that
+    did not arrive; otherwise it calls the group's own ``barrier()``. Broadcasts go
+    through the group's ``broadcast_object`` and are bounded by the process group's
+    own timeout, set when vLLM created it. A failing collective raises
+    :class:`WorldError` (:class:`WorldTimeout` when it timed out) naming the ranks.
+    """
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+
+    @property
+    def rank(self) -> int:
+        return int(self._group.rank_in_group)
+
+    @property
+    def local_rank(self) -> int:
+        return int(self._group.local_rank)
+
+    @property
+    def world_size(self) -> int:
+        return int(self._group.world_size)
+
+    def _torch_cpu_group(self) -> Any | None:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        cpu_group = getattr(self._group, "cpu_group", None)
+        return cpu_group if isinstance(cpu_group, dist.ProcessGroup) else None
+
+    def _failed(self, what: str, exc: BaseException) -> WorldError:
+        text = str(exc)
+        cls = (
+            WorldTimeout if "timed out" in text.lower() or "timeout" in text.lower() else WorldError
+        )
+        return cls(f"rank {self.rank}/{self.world_size}: {what} failed: {text}")
+
+    def broadcast_bytes(
+        self, data: bytes | None, *, src: int = 0, timeout_s: float
+    ) -> bytes | None:
+        if self.world_size == 1:
+            return data
+        try:
+            out = self._group.broadcast_object(data if self.rank == src else None, src=src)
+        except Exception as exc:
+            raise self._failed(f"broadcast from rank {src}", exc) from exc
+        if out is not None and not isinstance(out, bytes):
+            raise WorldError(
+                f"rank {self.rank}: broadcast from rank {src} returned {type(out).__name__}, expected bytes or None"
+            )
+        return out
+
+    def all_gather_str(self, value: str, *, timeout_s: float) -> list[str]:
+        if self.world_size == 1:
+            return [value]
+        cpu_group = self._torch_cpu_group()
+        try:
+            if cpu_group is not None:
+                out: list[Any] = [None] * self.world_size
+                torch.distributed.all_gather_object(out, value, group=cpu_group)
+                return [str(v) for v in out]
+            # No torch.distributed group to hand: one broadcast per rank, in rank order.
+            return [
+                str(self._group.broadcast_object(value if r == self.rank else None, src=r))
+                for r in range(self.world_size)
+            ]
+        except Exception as exc:
+            raise self._failed("all_gather", exc) from exc
+
+    def barrier(self, *, timeout_s: float) -> None:
+        if self.world_size == 1:
+            return
+        cpu_group = self._torch_cpu_group()
+        try:
+            if cpu_group is not None and torch.distributed.get_backend(cpu_group) == "gloo":
+                torch.distributed.monitored_barrier(
+                    group=cpu_group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True
+                )
+            else:
+                self._group.barrier()
+        except Exception as exc:
+            raise self._failed(f"barrier (timeout {timeout_s:g}s)", exc) from exc
+
+
+class VllmFlashInferBackend:
+    """FlashInfer autotuning the way vLLM drives it.
+
+    ``flashinfer``: ``vllm.utils.flashinfer.autotune(tune_mode=True, cache=FILE)``
+    (FlashInfer's ``autotuner.autotune`` when vLLM has no such helper), as vLLM's
+    ``flashinfer_autotune`` does. ``flashinfer_dsv4_decode``:
+    ``flashinfer.sparse_mla_sm120_decode_dsv4_autotune(cache_path=FILE)``, as vLLM's
+    DeepSeek-V4 SM120 decode autotune does. Either way FlashInfer writes the tuned
+    configs to FILE when the context exits; ``export`` returns that file's bytes and
+    ``load`` hands a payload to ``AutoTuner.get().load_configs``.
+    """
+
+    def __init__(self, name: str) -> None:
+        if name not in BACKEND_NAMES:
+            raise ValueError(
+                f"unknown FlashInfer backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}"
+            )
+        self._name = name
+        self._dir: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return flashinfer_version() or "unavailable"
+
+    def _workdir(self) -> Path:
+        with self._lock:
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix=f"warmplan-{self._name}-")
+                weakref.finalize(self, shutil.rmtree, self._dir, True)
+            return Path(self._dir)
+
+    @property
+    def _tuned_file(self) -> Path:
+        return self._workdir() / "tuned.json"
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            from vllm.utils.flashinfer import has_flashinfer
+        except ImportError:
+            has_flashinfer = None
+        if has_flashinfer is not None and not has_flashinfer():
+            return "vLLM reports FlashInfer unavailable (vllm.utils.flashinfer.has_flashinfer() is False)"
+        try:
+            from flashinfer.autotuner import AutoTuner  # noqa: F401
+        except ImportError as exc:
+            return f"flashinfer.autotuner.AutoTuner cannot be imported: {exc}"
+        if self._name == "flashinfer_dsv4_decode":
+            try:
+                from flashinfer import sparse_mla_sm120_decode_dsv4_autotune  # noqa: F401
+            except ImportError:
+                return "this FlashInfer build does not expose sparse_mla_sm120_decode_dsv4_autotune"
+        return None
+
+    def metadata(self) -> Mapping[str, str]:
+        return {
+            "backend": self._name,
+            "flashinfer": self.version,
+            "vllm": vllm_version(),
+            "torch": torch.__version__,
+        }
+
+    def _context(self, cache: str) -> contextlib.AbstractContextManager[Any]:
+        if self._name == "flashinfer_dsv4_decode":
+            from flashinfer import sparse_mla_sm120_decode_dsv4_autotune
+
+            ctx: contextlib.AbstractContextManager[Any] = sparse_mla_sm120_decode_dsv4_autotune(
+                cache_path=cache
+            )
+            return ctx
+        try:
+            from vllm.utils.flashinfer import autotune
+        except ImportError:
+            from flashinfer.autotuner import autotune
+        return autotune(tune_mode=True, cache=cache)  # type: ignore[no-any-return]
+
+    @contextlib.contextmanager
+    def tuning(self) -> Iterator[None]:
+        path = self._tuned_file
+        path.unlink(missing_ok=True)  # export() returns this tuning's results only
+        with torch.inference_mode(), self._context(str(path)):
+            yield
+
+    def export(self) -> bytes:
+        path = self._tuned_file
+        return path.read_bytes() if path.exists() else b""
+
+    def load(self, payload: bytes) -> None:
+        if not payload:
+            return
+        path = self._workdir() / "loaded.json"
+        path.write_bytes(payload)
+        try:
+            from flashinfer.autotuner import AutoTuner
+
+            loaded = AutoTuner.get().load_configs(str(path))
+        except Exception as exc:
+            raise AutotuneLoadError(
+                f"FlashInfer refused the tuning payload ({len(payload)} bytes): {exc}"
+            ) from exc
+        if loaded is False:  # FlashInfer would fall back to untuned defaults silently
+            raise AutotuneLoadError(
+                f"FlashInfer's AutoTuner.load_configs rejected the tuning payload ({len(payload)} bytes)"
+            )
