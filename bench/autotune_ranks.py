@@ -41,8 +41,7 @@ def rank_main(job: dict[str, Any]) -> int:
     import structlog
 
     from warmplan.dist import current_world
-    from warmplan.resolve import ResolvedStep
-    from warmplan.steps.autotune import run_autotune
+    from warmplan.steps.autotune import ResolvedAutotune, run_autotune
     from warmplan.workers.builtin.worker import BuiltinWorker
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
@@ -57,7 +56,7 @@ def rank_main(job: dict[str, Any]) -> int:
         worker.dummy_run("plain", 1)
         worker.synchronize()
         name = f"tune.rank{world.rank}.json" if job["policy"] == "every_rank" else "tune.json"
-        step = ResolvedStep(
+        step = ResolvedAutotune(
             id="autotune", kind="autotune", requested=(job["tokens"],), applied=(job["tokens"],),
             clamp_to="max_num_batched_tokens", limit=job["tokens"], shape="plain", backend=job["backend"],
             policy=job["policy"], timeout_s=600, config_hash="bench",

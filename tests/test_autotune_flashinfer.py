@@ -16,8 +16,7 @@ import structlog
 
 from warmplan.autotune.fake import FakeWorker
 from warmplan.autotune.flashinfer import FlashInferBackend
-from warmplan.resolve import ResolvedStep
-from warmplan.steps.autotune import run_autotune
+from warmplan.steps.autotune import ResolvedAutotune, run_autotune
 from warmplan.workers.base import AutotuneLoadError
 
 META = {"flashinfer_version": "0.7.2", "cudnn_frontend_version": "1.12.0", "gpu": "NVIDIA H200"}
@@ -108,8 +107,8 @@ class MmWorker(FakeWorker):
         self.tuner.choose(f"('bf16_gemm', 'CublasLtRunner', (({num_tokens}, 4096),))")
 
 
-def step(path: Path) -> ResolvedStep:
-    return ResolvedStep(
+def step(path: Path) -> ResolvedAutotune:
+    return ResolvedAutotune(
         id="fi",
         kind="autotune",
         requested=(64,),

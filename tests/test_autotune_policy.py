@@ -12,19 +12,21 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from warmplan.autotune import default_on_missing
 from warmplan.autotune.cache import encode_cache
 from warmplan.autotune.fake import FakeBackend, ThreadWorld
 from warmplan.dist import LocalWorld, World
 from warmplan.errors import StepError
-from warmplan.resolve import ResolvedStep
-from warmplan.steps.autotune import AutotuneOutcome, run_autotune
+from warmplan.steps.autotune import AutotuneOutcome, ResolvedAutotune, run_autotune
 from warmplan.testing import RecordingWorker
 
 LOG = structlog.get_logger("test")
 
 
-def make_step(path: Path | str, **kw: Any) -> ResolvedStep:
-    base = ResolvedStep(
+def make_step(path: Path | str, **kw: Any) -> ResolvedAutotune:
+    """A resolved autotune step; ``on_missing`` defaults as resolution does, by policy."""
+    kw.setdefault("on_missing", default_on_missing(kw.get("policy", "leader")))
+    base = ResolvedAutotune(
         id="fi-autotune",
         kind="autotune",
         requested=(8192,),
@@ -34,7 +36,6 @@ def make_step(path: Path | str, **kw: Any) -> ResolvedStep:
         shape="plain",
         backend="fake",
         policy="leader",
-        on_missing=None,
         timeout_s=5.0,
         cache_path=str(path),
         config_hash="cfg",
@@ -52,7 +53,7 @@ Result = AutotuneOutcome | StepError
 
 def run_ranks(
     n: int,
-    step_for: Callable[[int], ResolvedStep],
+    step_for: Callable[[int], ResolvedAutotune],
     *,
     backend_for: Callable[[int], FakeBackend | None] | None = None,
     local_ranks: Sequence[int] | None = None,
@@ -281,7 +282,7 @@ def test_every_rank_needs_a_path_per_rank(tmp_path: Path) -> None:
 def test_every_rank_tunes_each_then_loads_each(tmp_path: Path) -> None:
     """every_rank: each rank tunes its own file once; the next launch loads them."""
 
-    def step(r: int) -> ResolvedStep:
+    def step(r: int) -> ResolvedAutotune:
         return make_step(tmp_path / f"c.rank{r}.json", policy="every_rank")
 
     results, backends, _ = run_ranks(2, step)

@@ -172,3 +172,18 @@ def test_autotune_step_failure_restores_buffers(tmp_path: Path) -> None:
     assert str(info.value) == "rank 0, step 'sparse-mla-decode-autotune': tuning raised InjectedFailure: injected failure in dummy_run call 1"
     assert worker.buffers == before
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_load_only_plan_without_on_missing_skips(tmp_path: Path) -> None:
+    """A load_only step with no cache and no on_missing skips with a reason (it never tunes)."""
+    from warmplan.autotune.fake import FakeBackend
+
+    text = (
+        "version: 1\nname: t\nsteps:\n"
+        "  - {id: t, kind: autotune, backend: builtin, run: {shape: plain, tokens: 8}, cache: {policy: load_only}}\n"
+    )
+    worker = RecordingWorker(backends={"builtin": FakeBackend(name="builtin")})
+    report = run_plan(parse_plan(text), worker, cache_root=str(tmp_path))
+    tune = report.step("t").autotune
+    assert tune is not None and tune["decision"] == "skip" and tune["policy"] == "load_only"
+    assert worker.calls_named("dummy_run") == []

@@ -12,16 +12,10 @@ import yaml
 
 from tests._paths import PLANS, ROOT
 from warmplan.errors import PlanError
-from warmplan.plan import (
-    AutotuneStep,
-    DummyRunStep,
-    PowersOfTwo,
-    SlotMappingStep,
-    TokenRange,
-    expand_tokens,
-    load_plan,
-    parse_plan,
-)
+from warmplan.plan import load_plan, parse_plan
+from warmplan.steps.autotune import AutotuneStep
+from warmplan.steps.dummy_run import DummyRunStep
+from warmplan.steps.slot_mapping import PowersOfTwo, SlotMappingStep, TokenRange, expand_tokens
 
 HEAD = "version: 1\nname: t\nsteps:\n"
 

@@ -12,11 +12,11 @@ from warmplan.plan import load_plan, parse_plan
 from warmplan.resolve import (
     CacheContext,
     capability_family_matches,
-    clamp,
     env_truthy,
     gate_failure,
     resolve,
 )
+from warmplan.steps.base import clamp
 from warmplan.workers.base import Facts, Limits
 
 DSV4 = load_plan(PLANS / "dsv4.yaml")
@@ -220,6 +220,19 @@ def test_placeholder_values_cannot_add_path_segments() -> None:
     c = CacheContext(cache_root="/c", arch="..", backend_versions={"builtin": "../../x"})
     path = resolve(plan, limits(), cuda(), c).step("a").cache_path
     assert path is not None and path.startswith("/c/autotune/builtin/.._.._x/_/")
+
+
+def test_load_only_without_on_missing_skips_a_missing_cache() -> None:
+    """load_only with no on_missing resolves to skip (it never tunes), as the schema describes."""
+    plan = parse_plan(
+        "version: 1\nname: t\nsteps:\n  - {id: a, kind: autotune, backend: builtin, run: {shape: plain, tokens: 1}, cache: {policy: load_only}}\n"
+    )
+    step = resolve(plan, limits(), cuda(), ctx()).step("a")
+    assert step.as_dict()["on_missing"] == "skip"
+    leader = parse_plan(
+        "version: 1\nname: t\nsteps:\n  - {id: a, kind: autotune, backend: builtin, run: {shape: plain, tokens: 1}}\n"
+    )
+    assert resolve(leader, limits(), cuda(), ctx()).step("a").as_dict()["on_missing"] == "tune"
 
 
 def test_gate_helpers() -> None:

@@ -28,6 +28,13 @@ def test_step_kinds_equal_registry() -> None:
     assert consts == sorted(STEPS)
 
 
+def test_registry_keys_are_kind_names() -> None:
+    """Each registered kind is filed under its own name, and its schema's kind const is that name."""
+    for name, kind in STEPS.items():
+        assert kind.name == name
+        assert kind.schema["properties"]["kind"]["const"] == name
+
+
 def test_schema_file_is_current() -> None:
     """schemas/plan.schema.json is the schema as warmplan builds it (run `warmplan schema --write schemas/plan.schema.json`)."""
     assert SCHEMA_FILE.read_text() == schema_text()

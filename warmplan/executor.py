@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from warmplan.errors import StepError, UserError, WarmplanError
-from warmplan.fsutil import atomic_write
+from warmplan.fsutil import atomic_write, default_cache_root
 from warmplan.log import get_logger
 from warmplan.plan import Plan
-from warmplan.resolve import CacheContext, ResolvedPlan, ResolvedStep, arch_of, resolve
+from warmplan.resolve import ResolvedPlan, resolve
 from warmplan.steps import STEPS
-from warmplan.workers.base import Worker
+from warmplan.steps.base import CacheContext, ResolvedStep, arch_of
+from warmplan.workers.base import StepUnsupported, Worker
 
 log = get_logger(__name__)
 
@@ -97,26 +98,17 @@ class Report:
             raise UserError(f"cannot write the report {path}: {exc.strerror or exc}") from None
 
 
-def _default_cache_root() -> str:
-    try:
-        from warmplan.autotune.cache import default_cache_root
-
-        return default_cache_root()
-    except ImportError:  # pragma: no cover - the autotune package ships with warmplan
-        return os.environ.get("WARMPLAN_CACHE_ROOT") or os.path.expanduser("~/.cache/warmplan")
-
-
 def cache_context(plan: Plan, worker: Worker, cache_root: str | None = None) -> CacheContext:
     """What the resolver needs to render cache paths for this worker."""
     versions: dict[str, str] = {}
     for step in plan.steps:
-        backend_name = getattr(step, "backend", None)
-        if backend_name and backend_name not in versions:
-            backend = worker.autotune_backend(backend_name)
-            versions[backend_name] = backend.version if backend is not None else "unavailable"
+        for name in step.backends():
+            if name not in versions:
+                backend = worker.autotune_backend(name)
+                versions[name] = backend.version if backend is not None else "unavailable"
     world = worker.world
     return CacheContext(
-        cache_root=cache_root or _default_cache_root(),
+        cache_root=cache_root or default_cache_root(),
         arch=arch_of(worker.facts),
         rank=world.rank,
         world_size=world.world_size,
@@ -242,14 +234,15 @@ def _run_one(
 ) -> StepReport:
     """Run one step, appending its entry to ``into`` before it runs (so that a failed
     step still appears in the partial report)."""
+    shape, prior_context = rstep.forward()
     entry = StepReport(
         id=rstep.id,
         kind=rstep.kind,
         requested=list(rstep.requested),
         applied=list(rstep.applied),
         skipped=rstep.skipped,
-        shape=rstep.shape,
-        prior_context=rstep.prior_context,
+        shape=shape,
+        prior_context=prior_context,
     )
     into.append(entry)
     slog = bound.bind(step=rstep.id, kind=rstep.kind)
@@ -267,8 +260,17 @@ def _run_one(
     t0 = time.perf_counter()
     try:
         with monitor.attribute(rstep.id), worker.preserve_state():
-            result = STEPS[rstep.kind](rstep, worker, log=slog)
+            result = STEPS[rstep.kind].run(rstep, worker, slog)
             worker.synchronize()
+    except StepUnsupported as exc:
+        # The worker refused before changing anything: the step cannot do here what
+        # it is for (its reason says why); a skip with that reason, not a failure.
+        entry.duration_s = time.perf_counter() - t0
+        entry.skipped = str(exc)
+        slog.info("step.skip", reason=entry.skipped, requested=list(rstep.requested), applied=list(rstep.applied))
+        if progress:
+            progress(index, total, rstep, "skipped")
+        return entry
     except WarmplanError as exc:
         entry.duration_s = time.perf_counter() - t0
         entry.error = str(exc)
@@ -285,8 +287,8 @@ def _run_one(
     entry.compiles = monitor.compiles(rstep.id)
     entry.cache_loads = monitor.cache_loads(rstep.id)
     if result.autotune is not None:
-        entry.autotune = dict(result.autotune)
-    if result.covers_run and rstep.kind == "autotune" and rstep.replaces:
+        entry.autotune = asdict(result.autotune)
+    if result.covers_run and rstep.replaces:
         covered[rstep.replaces] = rstep.id
     slog.info("step.done", duration_s=round(entry.duration_s, 4), compiles=entry.compiles, **({"autotune": entry.autotune["decision"]} if entry.autotune else {}))
     if progress:
@@ -313,14 +315,14 @@ def _share_compile_caches(
     bound: Any,
     progress: ProgressHook | None,
 ) -> dict[str, Any]:
-    """Rank 0 runs the compile-heavy steps (slot mapping and dummy runs before the
-    first autotune step, which needs every rank) and broadcasts its compile caches;
-    the other ranks unpack them before running their own steps."""
+    """Rank 0 runs the compile-heavy steps (those before the first collective step,
+    such as autotune, which needs every rank) and broadcasts its compile caches; the
+    other ranks unpack them before running their own steps."""
     from warmplan.compile_cache import share_compile_caches
 
     leading: list[tuple[int, ResolvedStep]] = []
     for index, rstep in enumerate(resolved.steps):
-        if rstep.kind == "autotune" and rstep.skipped is None:
+        if STEPS[rstep.kind].collective and rstep.skipped is None:
             break
         leading.append((index, rstep))
 

@@ -37,3 +37,13 @@ def fsync_dir(directory: str) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+CACHE_ROOT_ENV = "WARMPLAN_CACHE_ROOT"
+
+
+def default_cache_root() -> str:
+    """``$WARMPLAN_CACHE_ROOT`` when set, else ``~/.cache/warmplan`` (absolute): the
+    one default for every cache warmplan keeps."""
+    root = os.environ.get(CACHE_ROOT_ENV) or os.path.join("~", ".cache", "warmplan")
+    return os.path.abspath(os.path.expanduser(root))

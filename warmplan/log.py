@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 LogFormat = Literal["console", "json"]
+Logger: TypeAlias = FilteringBoundLogger  # what get_logger returns and steps log through
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -41,6 +43,7 @@ def _stderr_logger(*args: Any) -> structlog.PrintLogger:
     return structlog.PrintLogger(file=sys.stderr)
 
 
-def get_logger(name: str) -> Any:
+def get_logger(name: str) -> Logger:
     """A structlog logger bound to ``name`` (the module)."""
-    return structlog.get_logger(name)
+    logger: Logger = structlog.get_logger(name)
+    return logger

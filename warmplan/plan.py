@@ -8,19 +8,21 @@ No torch import on this path.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from warmplan import schema as S
+from warmplan.autotune import DEFAULT_TIMEOUT_S
+from warmplan.diagnostics import did_you_mean as _suggest
 from warmplan.errors import PlanError
 from warmplan.fastcheck import compile_schema
-from warmplan.workers.base import Shape
+from warmplan.steps import STEP_KINDS, STEPS
+from warmplan.steps.base import StepFields, StepSpec
+from warmplan.steps.common import Gates, build_gates, check_gates
 from warmplan.yamlsrc import Located, Mark, YamlError, load_located
 
 if TYPE_CHECKING:
@@ -28,127 +30,13 @@ if TYPE_CHECKING:
 
 MAX_PLAN_BYTES = 4 * 1024 * 1024
 
-FlagState = bool | Literal["unset"]
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EnvGate:
-    """An environment variable that must be truthy; ``unset`` is what absence means."""
-
-    name: str
-    unset: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Gates:
-    """Conditions that must all hold; ``None`` / empty means "no condition"."""
-
-    env: tuple[EnvGate, ...] = ()
-    platform: tuple[str, ...] | None = None
-    device_capability: tuple[int, int] | None = None
-    device_capability_family: int | None = None
-    attention_backend: tuple[str, ...] | None = None
-    pooling: bool | None = None
-    flag: Mapping[str, tuple[FlagState, ...]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenRange:
-    """``{range: [lo, hi]}``: every count from lo to hi inclusive."""
-
-    lo: int
-    hi: int
-
-    def expand(self) -> list[int]:
-        return list(range(self.lo, self.hi + 1))
-
-
-@dataclass(frozen=True, slots=True)
-class PowersOfTwo:
-    """``{powers_of_two: [lo, hi]}``: every power of two from lo to hi inclusive."""
-
-    lo: int
-    hi: int
-
-    def expand(self) -> list[int]:
-        out, n = [], self.lo
-        while n <= self.hi:
-            out.append(n)
-            n *= 2
-        return out
-
-
-TokenItem = int | TokenRange | PowersOfTwo
-
-
-def expand_tokens(items: Iterable[TokenItem]) -> list[int]:
-    """Expand a token list into plain counts, in order."""
-    out: list[int] = []
-    for item in items:
-        out.extend([item] if isinstance(item, int) else item.expand())
-    return out
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunSpec:
-    """A dummy-run request: shape, tokens (a count or a limit name), prior context."""
-
-    shape: Shape
-    tokens: int | str
-    prior_context: int | Literal["same"] = 0
-    force_attention: bool = False
-    clamp_to: str = "max_num_batched_tokens"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CacheSpec:
-    """Where tuning results persist and how ranks share them."""
-
-    path: str = S.DEFAULT_CACHE_PATH
-    policy: Literal["leader", "every_rank", "load_only"] = "leader"
-    on_missing: Literal["tune", "skip", "fail"] = "tune"
-    timeout_s: float = 600.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StepBase:
-    id: str
-    kind: str
-    description: str = ""
-    enabled: bool = True
-    when: Gates = field(default_factory=Gates)
-    line: int = 0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SlotMappingStep(StepBase):
-    tokens: tuple[TokenItem, ...]
-    clamp_to: str = "max_num_tokens"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DummyRunStep(StepBase):
-    run: RunSpec
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AutotuneStep(StepBase):
-    backend: Literal["builtin", "flashinfer", "flashinfer_dsv4_decode", "triton"]
-    run: RunSpec
-    cache: CacheSpec = field(default_factory=CacheSpec)
-    replaces: str | None = None
-
-
-Step = SlotMappingStep | DummyRunStep | AutotuneStep
+Step = StepSpec  # a record of one of the registered kinds (``warmplan.steps.STEPS``)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CompileCacheSpec:
     share: bool = False
-    timeout_s: float = 600.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -254,11 +142,6 @@ class _Reporter:
         return out
 
 
-def _suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _report_schema_error(rep: _Reporter, err: ValidationError) -> None:
     path = tuple(err.absolute_path)
     instance: Any = err.instance
@@ -278,9 +161,9 @@ def _report_schema_error(rep: _Reporter, err: ValidationError) -> None:
                     _report_schema_error(rep, e)
                 return
         if _is_step_list_item(path):
-            kinds = ", ".join(S.STEP_KINDS)
+            kinds = ", ".join(STEP_KINDS)
             if isinstance(inst, dict) and "kind" in inst:
-                rep.add((*path, "kind"), f"unknown step kind {_show(inst['kind'])}; expected one of {kinds}{_suggest(str(inst['kind']), S.STEP_KINDS)}")
+                rep.add((*path, "kind"), f"unknown step kind {_show(inst['kind'])}; expected one of {kinds}{_suggest(str(inst['kind']), STEP_KINDS)}")
             elif isinstance(inst, dict):
                 rep.add(path, f"missing required key 'kind'; expected one of {kinds}")
             else:
@@ -391,7 +274,6 @@ def _validator() -> Any:
 
         _VALIDATOR = jsonschema.Draft202012Validator(S.SCHEMA)
     return _VALIDATOR
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 def read_source(path: str | os.PathLike[str]) -> str:
@@ -471,12 +353,13 @@ def check_mapping(schema: Mapping[str, Any], text: str, *, file: str) -> dict[st
 
 
 def _check_semantics(rep: _Reporter, data: dict[str, Any], kinds: Mapping[Any, Any]) -> None:
-    """What the schema cannot say: unique ids, sane ranges, references, templates."""
+    """What the schema cannot say: unique ids, references, and each kind's own checks."""
     # Runs even when the schema found problems, so every problem is reported at once:
     # each check looks only at values of the right shape.
     raw_steps = data.get("steps")
+    steps = raw_steps if isinstance(raw_steps, list) else []
     index: dict[str, int] = {}
-    for i, step in enumerate(raw_steps if isinstance(raw_steps, list) else []):
+    for i, step in enumerate(steps):
         sid = step.get("id") if isinstance(step, dict) else None
         if not isinstance(sid, str):
             continue
@@ -484,147 +367,55 @@ def _check_semantics(rep: _Reporter, data: dict[str, Any], kinds: Mapping[Any, A
             rep.add(("steps", i, "id"), f"duplicate step id {sid!r} (first used by steps[{index[sid]}])")
         else:
             index[sid] = i
-    for i, step in enumerate(raw_steps if isinstance(raw_steps, list) else []):
+    for i, step in enumerate(steps):
         if not isinstance(step, dict):
             continue
-        tokens = step.get("tokens")
-        for j, item in enumerate(tokens if isinstance(tokens, list) else []):
-            if isinstance(item, dict) and len(item) == 1 and isinstance(next(iter(item.values())), list):
-                (key, pair), = item.items()
-                if len(pair) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in pair):
-                    continue
-                lo, hi = pair
-                if lo > hi:
-                    rep.add(("steps", i, "tokens", j, key), f"expected first <= last, found [{lo}, {hi}]")
-                if key == "powers_of_two":
-                    for k, n in enumerate((lo, hi)):
-                        if n & (n - 1):
-                            rep.add(("steps", i, "tokens", j, key, k), f"expected a power of two, found {n}")
         if isinstance(step.get("when"), dict):
-            _check_gates(rep, step["when"], ("steps", i, "when"))
-        if step.get("kind") == "autotune":
-            _check_autotune(rep, step, i, index, kinds)
+            check_gates(step["when"], ("steps", i, "when"), rep)
+        _check_replaces(rep, step, i, index, kinds)
+        name = step.get("kind")
+        kind = STEPS.get(name) if isinstance(name, str) else None
+        if kind is not None:
+            kind.check(step, ("steps", i), rep)
     if isinstance(data.get("when"), dict):
-        _check_gates(rep, data["when"], ("when",))
+        check_gates(data["when"], ("when",), rep)
 
 
-def _check_gates(rep: _Reporter, gates: Mapping[str, Any], path: tuple[str | int, ...]) -> None:
-    cap = gates.get("device_capability")
-    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and not re.fullmatch(r"\d+(\.\d+)?", str(cap)):
-        rep.add((*path, "device_capability"), f"expected major.minor such as 9.0, found {cap!r}")
-
-
-def _check_autotune(rep: _Reporter, step: dict[str, Any], i: int, index: Mapping[str, int], kinds: Mapping[Any, Any]) -> None:
+def _check_replaces(rep: _Reporter, step: dict[str, Any], i: int, index: Mapping[str, int], kinds: Mapping[Any, Any]) -> None:
     target = step.get("replaces")
-    if isinstance(target, str):
-        j = index.get(target)
-        if j is None:
-            rep.add(("steps", i, "replaces"), f"no step with id {target!r}{_suggest(target, index)}")
-        elif j <= i:
-            rep.add(("steps", i, "replaces"), f"expected a later step, found {target!r} (steps[{j}]), which runs before this one")
-        elif kinds.get(target) != "dummy_run":
-            rep.add(("steps", i, "replaces"), f"expected the id of a dummy_run step, found {target!r}, a {kinds.get(target)} step")
-    cache = step.get("cache", {})
-    if not isinstance(cache, dict):
+    if not isinstance(target, str):
         return
-    template = cache.get("path", S.DEFAULT_CACHE_PATH)
-    if not isinstance(template, str):
-        return
-    for name in _PLACEHOLDER.findall(template):
-        if name not in S.PLACEHOLDERS:
-            rep.add(("steps", i, "cache", "path"), f"unknown placeholder {{{name}}}{_suggest(name, S.PLACEHOLDERS)}; expected any of {', '.join('{' + p + '}' for p in S.PLACEHOLDERS)}")
-    if not template.startswith("{cache_root}"):
-        rep.add(("steps", i, "cache", "path"), f"expected a path starting with {{cache_root}}, found {template!r}; cache files stay inside the cache root")
-    policy = cache.get("policy", "leader")
-    if policy == "every_rank" and "{rank}" not in template:
-        rep.add(("steps", i, "cache", "path"), "policy every_rank keeps one file per rank: the path must contain {rank}")
-    if policy == "load_only" and cache.get("on_missing") == "tune":
-        rep.add(("steps", i, "cache", "on_missing"), "policy load_only never tunes: expected skip or fail, found 'tune'")
-
-
-def _gates(raw: Mapping[str, Any]) -> Gates:
-    env_raw = raw.get("env")
-    env_items = [] if env_raw is None else env_raw if isinstance(env_raw, list) else [env_raw]
-    env = tuple(EnvGate(name=e) if isinstance(e, str) else EnvGate(name=e["name"], unset=e.get("unset", False)) for e in env_items)
-    platform = raw.get("platform")
-    cap = raw.get("device_capability")
-    capability = None
-    if cap is not None:
-        major, _, minor = str(cap).partition(".")
-        capability = (int(major), int(minor or 0))
-    flags = {
-        name: tuple(state) if isinstance(state, list) else (state,)
-        for name, state in raw.get("flag", {}).items()
-    }
-    backends = raw.get("attention_backend")
-    return Gates(
-        env=env,
-        platform=None if platform is None else tuple([platform] if isinstance(platform, str) else platform),
-        device_capability=capability,
-        device_capability_family=raw.get("device_capability_family"),
-        attention_backend=None if backends is None else tuple(backends),
-        pooling=raw.get("pooling"),
-        flag=flags,
-    )
-
-
-def _run(raw: Mapping[str, Any]) -> RunSpec:
-    return RunSpec(
-        shape=raw["shape"],
-        tokens=raw["tokens"],
-        prior_context=raw.get("prior_context", 0),
-        force_attention=raw.get("force_attention", False),
-        clamp_to=raw.get("clamp_to", "max_num_batched_tokens"),
-    )
-
-
-def _token_item(raw: Any) -> TokenItem:
-    if isinstance(raw, int):
-        return raw
-    ((key, (lo, hi)),) = raw.items()
-    return TokenRange(lo, hi) if key == "range" else PowersOfTwo(lo, hi)
+    j = index.get(target)
+    if j is None:
+        rep.add(("steps", i, "replaces"), f"no step with id {target!r}{_suggest(target, index)}")
+    elif j <= i:
+        rep.add(("steps", i, "replaces"), f"expected a later step, found {target!r} (steps[{j}]), which runs before this one")
+    elif kinds.get(target) != "dummy_run":
+        rep.add(("steps", i, "replaces"), f"expected the id of a dummy_run step, found {target!r}, a {kinds.get(target)} step")
 
 
 def _build(data: dict[str, Any], located: Located, text: str, path: str | None) -> Plan:
     steps: list[Step] = []
     for i, raw in enumerate(data["steps"]):
         mark = located.mark(("steps", i))
-        common: dict[str, Any] = {
-            "id": raw["id"],
-            "kind": raw["kind"],
-            "description": raw.get("description", ""),
-            "enabled": raw.get("enabled", True),
-            "when": _gates(raw.get("when", {})),
-            "line": mark.line if mark else 0,
-        }
-        if raw["kind"] == "slot_mapping":
-            steps.append(SlotMappingStep(**common, tokens=tuple(_token_item(t) for t in raw["tokens"]), clamp_to=raw.get("clamp_to", "max_num_tokens")))
-        elif raw["kind"] == "dummy_run":
-            steps.append(DummyRunStep(**common, run=_run(raw)))
-        else:
-            cache = raw.get("cache", {})
-            steps.append(
-                AutotuneStep(
-                    **common,
-                    backend=raw["backend"],
-                    run=_run(raw["run"]),
-                    cache=CacheSpec(
-                        path=cache.get("path", S.DEFAULT_CACHE_PATH),
-                        policy=cache.get("policy", "leader"),
-                        on_missing=cache.get("on_missing", "tune"),
-                        timeout_s=float(cache.get("timeout_s", 600.0)),
-                    ),
-                    replaces=raw.get("replaces"),
-                )
-            )
+        common = StepFields(
+            id=raw["id"],
+            kind=raw["kind"],
+            description=raw.get("description", ""),
+            enabled=raw.get("enabled", True),
+            when=build_gates(raw.get("when", {})),
+            replaces=raw.get("replaces"),
+            line=mark.line if mark else 0,
+        )
+        steps.append(STEPS[raw["kind"]].build(raw, common))
     cc = data.get("compile_cache", {})
     return Plan(
         version=data["version"],
         name=data["name"],
         description=data.get("description", ""),
-        when=_gates(data.get("when", {})),
+        when=build_gates(data.get("when", {})),
         builtin=dict(data.get("builtin", {})),
-        compile_cache=CompileCacheSpec(share=cc.get("share", False), timeout_s=float(cc.get("timeout_s", 600.0))),
+        compile_cache=CompileCacheSpec(share=cc.get("share", False), timeout_s=float(cc.get("timeout_s", DEFAULT_TIMEOUT_S))),
         steps=tuple(steps),
         path=path,
         source=text,

@@ -21,8 +21,7 @@ import structlog
 
 from warmplan.autotune.fake import FakeWorker
 from warmplan.autotune.flashinfer import FlashInferBackend
-from warmplan.resolve import ResolvedStep
-from warmplan.steps.autotune import run_autotune
+from warmplan.steps.autotune import ResolvedAutotune, run_autotune
 from warmplan.workers.base import Facts, WorkerInfo
 
 
@@ -66,7 +65,7 @@ def main() -> None:
         "unavailable": backend.unavailable_reason(),
     }
     if info["unavailable"] is None:
-        step = ResolvedStep(
+        step = ResolvedAutotune(
             id="fi-mm",
             kind="autotune",
             requested=(256,),

@@ -18,13 +18,13 @@ from typing import Any
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from warmplan.autotune import default_on_missing  # noqa: E402
 from warmplan.autotune.cache import default_cache_root  # noqa: E402
 from warmplan.autotune.fake import FakeBackend  # noqa: E402
 from warmplan.dist import current_world  # noqa: E402
 from warmplan.errors import StepError  # noqa: E402
 from warmplan.log import get_logger  # noqa: E402
-from warmplan.resolve import ResolvedStep  # noqa: E402
-from warmplan.steps.autotune import run_autotune  # noqa: E402
+from warmplan.steps.autotune import ResolvedAutotune, run_autotune  # noqa: E402
 from warmplan.testing import RecordingWorker  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def main() -> int:
             result = {"role": o.role, "bytes": o.bytes}
         else:
             backend = str(job.get("backend", "fake"))
-            step = ResolvedStep(
+            step = ResolvedAutotune(
                 id="autotune-step",
                 kind="autotune",
                 requested=(64,),
@@ -102,8 +102,8 @@ def main() -> int:
                 limit=512,
                 shape="plain",
                 backend=backend,
-                policy=str(job.get("policy", "leader")),
-                on_missing=job.get("on_missing"),  # type: ignore[arg-type]
+                policy=job.get("policy", "leader"),  # type: ignore[arg-type]
+                on_missing=job.get("on_missing") or default_on_missing(job.get("policy", "leader")),  # type: ignore[arg-type]
                 timeout_s=timeout_s,
                 cache_path=cache_path(job, rank),
                 config_hash="cfg1",

@@ -1,3 +1,25 @@
 """Autotuning: the cache file (``cache``), the policies that decide who tunes and how
-ranks agree (``policy``), and backends usable by any worker (``flashinfer``; ``fake``
-for tests). The step itself is ``warmplan.steps.autotune``."""
+ranks agree (``policy``), and backends usable by any worker (``flashinfer``). The
+step itself is ``warmplan.steps.autotune``.
+
+This module holds the vocabulary the step's schema and the policies share, one
+constant each; it imports nothing, so the plan layer can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+Policy = Literal["leader", "every_rank", "load_only"]
+OnMissing = Literal["tune", "skip", "fail"]
+Decision = Literal["tune", "load", "skip"]
+
+POLICIES: Final[tuple[Policy, ...]] = ("leader", "every_rank", "load_only")
+ON_MISSING: Final[tuple[OnMissing, ...]] = ("tune", "skip", "fail")
+DEFAULT_POLICY: Final[Policy] = "leader"
+DEFAULT_TIMEOUT_S: Final = 600.0
+
+
+def default_on_missing(policy: Policy) -> OnMissing:
+    """What a missing cache means when the plan does not say: load_only never tunes."""
+    return "skip" if policy == "load_only" else "tune"

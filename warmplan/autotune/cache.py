@@ -20,16 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from warmplan import fsutil
+from warmplan.fsutil import CACHE_ROOT_ENV as CACHE_ROOT_ENV  # re-exported; home: fsutil
+from warmplan.fsutil import default_cache_root as default_cache_root
 
 FORMAT_VERSION = 1
 FORMAT_KEY = "warmplan_autotune_cache"
-CACHE_ROOT_ENV = "WARMPLAN_CACHE_ROOT"
-
-
-def default_cache_root() -> str:
-    """``$WARMPLAN_CACHE_ROOT`` when set, else ``~/.cache/warmplan`` (absolute)."""
-    root = os.environ.get(CACHE_ROOT_ENV) or os.path.join("~", ".cache", "warmplan")
-    return os.path.abspath(os.path.expanduser(root))
 
 
 def fingerprint(payload: bytes) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from warmplan.commands._common import load_plan_or_exit, print_json, print_table, tokens_text
 from warmplan.errors import UserError
+from warmplan.fsutil import default_cache_root
 from warmplan.resolve import CacheContext, arch_of, resolve
 from warmplan.workers.base import Facts, Limits
 
@@ -75,9 +76,7 @@ def run(args: argparse.Namespace) -> int:
         env={**os.environ, **dict(args.env)},
     )
     limits = Limits(max_num_tokens=args.max_num_tokens, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
-    from warmplan.executor import _default_cache_root
-
-    cache = CacheContext(cache_root=args.cache_root or _default_cache_root(), arch=arch_of(facts), rank=args.rank, world_size=args.world_size)
+    cache = CacheContext(cache_root=args.cache_root or default_cache_root(), arch=arch_of(facts), rank=args.rank, world_size=args.world_size)
     resolved = resolve(plan, limits, facts, cache)
     if args.json:
         print_json(resolved.to_dict())
@@ -85,12 +84,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for s in resolved.steps:
         status = s.skipped or (f"runs unless {s.replaced_by} runs its run" if s.replaced_by else "runs")
-        detail = ""
-        if s.shape:
-            detail = s.shape + (f" +{s.prior_context} ctx" if s.prior_context else "")
-        if s.kind == "autotune":
-            detail += f" {s.backend}/{s.policy} -> {s.cache_path}"
-        rows.append({"step": s.id, "kind": s.kind, "tokens": tokens_text(s.requested, s.applied), "clamp": f"{s.clamp_to}={s.limit}", "detail": detail.strip(), "status": status})
+        rows.append({"step": s.id, "kind": s.kind, "tokens": tokens_text(s.requested, s.applied), "clamp": f"{s.clamp_to}={s.limit}", "detail": s.detail().strip(), "status": status})
     print(f"plan {plan.name} ({plan.path}): {sum(s.skipped is None for s in resolved.steps)} of {len(resolved.steps)} steps run")
     print_table(rows, ["step", "kind", "tokens", "clamp", "detail", "status"])
     return 0
