@@ -28,10 +28,12 @@ replays that traffic under the worker's own limits:
   A scheduled request with one new token is a decode, as vLLM's attention backends
   classify it (query length 1), whatever its phase.
 
-* ``rechunk(batch, limits)`` splits a recorded batch over the budget (or over
-  ``max_num_seqs``) into consecutive batches the same way: decodes first, then
-  chunks in order, a chunk cut where the budget ends and continued, after the part
-  already computed, in the next batch.
+* ``rechunk(batch, limits)`` splits a recorded batch over the budget, over
+  ``max_num_seqs`` or over the KV cache into consecutive batches the same way:
+  decodes first, then chunks in order, a chunk cut where the budget (or the free KV
+  blocks) ends and continued, after the part already computed, in the next batch.
+  A batch-level trace does not say how much context a decode has; it is counted
+  with ``decode_context`` tokens.
 
 What is not modelled is listed in ``docs/monitor.md`` (priorities, speculative
 decoding, encoder inputs, KV connectors, ``long_prefill_token_threshold``, partial
@@ -63,6 +65,8 @@ class SchedulerLimits:
     ``max_model_len``: the longest sequence a request may reach (``None``: unchecked).
     ``kv_cache_blocks``: usable KV cache blocks of ``block_size`` tokens (``None``:
     unlimited - no preemption).
+    ``decode_context``: the cached tokens a decode of a batch-level trace is counted
+    with (such traces do not say; the built-in engine replays each after 16).
     """
 
     max_num_batched_tokens: int
@@ -70,8 +74,15 @@ class SchedulerLimits:
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_blocks: int | None = None
+    decode_context: int = 16
 
     def __post_init__(self) -> None:
+        if (
+            isinstance(self.decode_context, bool)
+            or not isinstance(self.decode_context, int)
+            or self.decode_context < 0
+        ):
+            raise ValueError(f'"decode_context" must be an integer >= 0: {self.decode_context!r}')
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -331,7 +342,7 @@ class Rechunk:
     line: int
     batch: Batch
     into: tuple[Batch, ...]
-    reason: str  # "tokens" | "seqs" | "tokens and seqs"
+    reason: str  # what it was over, "+"-joined: tokens, seqs, kv
 
     def describe(self) -> str:
         """``line 12: 906 tokens (7 decodes + 1 chunk) -> 512 + 394``."""
@@ -343,7 +354,12 @@ class Rechunk:
             n = len(b.prefill)
             parts.append(f"{n} chunk{'s' if n != 1 else ''}")
         sizes = " + ".join(str(x.num_tokens) for x in self.into)
-        return f"line {self.line}: {b.num_tokens} tokens ({' + '.join(parts)}) -> {sizes}"
+        over = {"tokens": "budget", "seqs": "max_num_seqs", "kv": "KV cache"}
+        why = ", ".join(over[r] for r in self.reason.split("+"))
+        return (
+            f"line {self.line}: {b.num_tokens} tokens ({' + '.join(parts)}) -> {sizes} "
+            f"(over the {why})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -356,13 +372,21 @@ class Rechunk:
 
 
 def rechunk(batch: Batch, limits: SchedulerLimits) -> list[Batch]:
-    """``batch`` as consecutive batches within the budget and ``max_num_seqs``."""
+    """``batch`` as consecutive batches within the budget, ``max_num_seqs`` and the KV
+    cache (each decode counted with ``decode_context`` cached tokens).
+
+    Raises ``ValueError`` for a chunk that could not fit the KV cache even alone."""
     decodes = batch.decode
     chunks = deque((c.tokens, c.context) for c in batch.prefill)
+    per_decode = limits.blocks_for(limits.decode_context + 1)
     out: list[Batch] = []
     while decodes or chunks:
         budget, seqs = limits.max_num_batched_tokens, limits.max_num_seqs
+        blocks = limits.kv_cache_blocks
         take = min(decodes, budget, seqs)
+        if blocks is not None:
+            take = min(take, blocks // per_decode)
+            blocks -= take * per_decode
         decodes -= take
         budget -= take
         seqs -= take
@@ -370,6 +394,11 @@ def rechunk(batch: Batch, limits: SchedulerLimits) -> list[Batch]:
         while chunks and budget > 0 and seqs > 0:
             tokens, context = chunks[0]
             n = min(tokens, budget)
+            if blocks is not None:
+                n = min(n, blocks * limits.block_size - context)
+                if n < 1:
+                    break
+                blocks -= limits.blocks_for(context + n)
             parts.append(PrefillChunk(tokens=n, context=context))
             budget -= n
             seqs -= 1
@@ -377,16 +406,31 @@ def rechunk(batch: Batch, limits: SchedulerLimits) -> list[Batch]:
                 chunks.popleft()
             else:
                 chunks[0] = (tokens - n, context + n)
+        if not take and not parts:
+            tokens, context = chunks[0]
+            raise ValueError(
+                f"a chunk after {context} cached tokens needs {limits.blocks_for(context + 1)} KV "
+                f"blocks of {limits.block_size}; the worker's KV cache holds {limits.kv_cache_blocks}"
+            )
         out.append(Batch(decode=take, prefill=tuple(parts)))
     return out
 
 
+def batch_blocks(batch: Batch, limits: SchedulerLimits) -> int:
+    """KV blocks ``batch`` holds while it runs (decodes with ``decode_context``)."""
+    decode = batch.decode * limits.blocks_for(limits.decode_context + 1)
+    return decode + sum(limits.blocks_for(c.context + c.tokens) for c in batch.prefill)
+
+
 def _over(batch: Batch, limits: SchedulerLimits) -> str | None:
-    tokens = batch.num_tokens > limits.max_num_batched_tokens
-    seqs = batch.decode + len(batch.prefill) > limits.max_num_seqs
-    if tokens and seqs:
-        return "tokens and seqs"
-    return "tokens" if tokens else ("seqs" if seqs else None)
+    reasons = []
+    if batch.num_tokens > limits.max_num_batched_tokens:
+        reasons.append("tokens")
+    if batch.decode + len(batch.prefill) > limits.max_num_seqs:
+        reasons.append("seqs")
+    if limits.kv_cache_blocks is not None and batch_blocks(batch, limits) > limits.kv_cache_blocks:
+        reasons.append("kv")
+    return "+".join(reasons) or None
 
 
 def check_batches(entries: Iterable[TraceEntry], limits: SchedulerLimits, *, path: str) -> None:
@@ -415,7 +459,10 @@ def rechunk_entries(
         if reason is None:
             out.append(entry)
             continue
-        parts = rechunk(entry.batch, limits)
+        try:
+            parts = rechunk(entry.batch, limits)
+        except ValueError as exc:
+            raise UserError(f"{path}:{entry.line}: {exc}") from None
         changes.append(
             Rechunk(line=entry.line, batch=entry.batch, into=tuple(parts), reason=reason)
         )
@@ -461,8 +508,8 @@ class Replay:
             return []
         n = len(self.trace.batches)
         head = (
-            f"re-chunked {len(self.rechunked)} of {n} batches over "
-            f"{self.limits.describe()} into {sum(len(r.into) for r in self.rechunked)}:"
+            f"re-chunked {len(self.rechunked)} of {n} batches into "
+            f"{sum(len(r.into) for r in self.rechunked)} under {self.limits.describe()}:"
         )
         shown = [f"  {r.describe()}" for r in self.rechunked[:10]]
         if len(self.rechunked) > 10:

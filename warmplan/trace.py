@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,6 +122,7 @@ class Trace:
     kind: TraceKind
     batches: tuple[TraceEntry, ...] = ()
     requests: tuple[TraceRequest, ...] = ()
+    header: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def recorded_compiles(self) -> int:
@@ -355,9 +356,14 @@ def read_trace(path: str | Path) -> Trace:
     entries: list[TraceEntry] = []
     requests: list[TraceRequest] = []
     first: tuple[TraceKind, int] | None = None
+    header: dict[str, Any] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
+        if not stripped:
+            continue
+        if stripped.startswith("#"):
+            if not header and first is None:
+                header = _header(stripped)
             continue
         try:
             data = _load_object(stripped)
@@ -378,7 +384,26 @@ def read_trace(path: str | Path) -> Trace:
             raise UserError(f"{path}:{number}: {exc}") from None
     if first is None:
         raise UserError(f"{path}: no batches: expected one JSON object a line")
-    return Trace(path=str(path), kind=first[0], batches=tuple(entries), requests=tuple(requests))
+    return Trace(
+        path=str(path),
+        kind=first[0],
+        batches=tuple(entries),
+        requests=tuple(requests),
+        header=header,
+    )
+
+
+def _header(comment: str) -> dict[str, Any]:
+    """The mapping of a ``# {"warmplan_trace": 1, ...}`` line (``warmplan record``'s
+    header); ``{}`` for any other comment."""
+    text = comment[1:].strip()
+    if not text.startswith('{"warmplan_trace"'):
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_trace_entries(path: str | Path) -> list[TraceEntry]:
