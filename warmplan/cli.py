@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from warmplan import __version__
-from warmplan.commands import plan_cmd, run_cmd, schema_cmd, validate
+from warmplan.commands import plan_cmd, record, run_cmd, schema_cmd, suggest, validate
 from warmplan.errors import PlanError, WarmplanError
 from warmplan.log import configure
 
-COMMANDS = [validate, plan_cmd, run_cmd, schema_cmd]
+COMMANDS = [validate, plan_cmd, run_cmd, record, suggest, schema_cmd]
 
 
 def _verify_module() -> object | None:

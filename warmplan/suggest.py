@@ -11,20 +11,28 @@ For every trace batch that compiled something (events labelled ``batch[N]``, see
   the worker pads its forward when it says how (``padded_num_tokens(n)``).
 
 Suggestions are deduplicated and sorted, and render as YAML step mappings that
-conform to the plan schema, ready to paste under a plan's ``steps:``.
+conform to the plan schema, ready to paste under a plan's ``steps:``, or as a unified
+diff that adds them to the plan file (``render_patch``). The events come from a
+replay (``warmplan verify``) or from a trace ``warmplan record`` wrote
+(``recorded_events``).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 
+from warmplan.errors import UserError
 from warmplan.monitor import CompileEvent
-from warmplan.trace import batch_index
+from warmplan.trace import TraceEntry, batch_index, batch_label
 from warmplan.workers.base import SHAPES, Batch, Shape
+
+if TYPE_CHECKING:
+    from warmplan.monitor import EventKind
 
 Padding = Callable[[int], int]
 
@@ -38,7 +46,8 @@ class _Dumper(yaml.SafeDumper):
 
 
 _Dumper.add_representer(
-    _FlowList, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+    _FlowList,
+    lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True),
 )
 
 
@@ -125,17 +134,27 @@ def suggest(
     out: list[Suggestion] = []
     if slot_sizes:
         sizes = tuple(sorted(slot_sizes))
-        out.append(Suggestion(
-            id="suggested-slot-mapping", kind="slot_mapping", tokens=sizes,
-            batches=tuple(sorted({i for s in sizes for i in slot_sizes[s]})),
-        ))
-    for (shape, tokens, prior) in sorted(runs, key=lambda k: (SHAPES.index(k[0]), k[1], k[2])):
+        out.append(
+            Suggestion(
+                id="suggested-slot-mapping",
+                kind="slot_mapping",
+                tokens=sizes,
+                batches=tuple(sorted({i for s in sizes for i in slot_sizes[s]})),
+            )
+        )
+    for shape, tokens, prior in sorted(runs, key=lambda k: (SHAPES.index(k[0]), k[1], k[2])):
         name = shape.replace("_", "-")
         ident = f"suggested-{name}-{tokens}" + (f"-ctx-{prior}" if prior else "")
-        out.append(Suggestion(
-            id=ident, kind="dummy_run", shape=shape, tokens=tokens, prior_context=prior,
-            batches=tuple(runs[(shape, tokens, prior)]),
-        ))
+        out.append(
+            Suggestion(
+                id=ident,
+                kind="dummy_run",
+                shape=shape,
+                tokens=tokens,
+                prior_context=prior,
+                batches=tuple(runs[(shape, tokens, prior)]),
+            )
+        )
     return out
 
 
@@ -144,9 +163,117 @@ def render_yaml(suggestions: Sequence[Suggestion], *, header: bool = True) -> st
     if not suggestions:
         return ""
     body = yaml.dump(
-        [s.to_step() for s in suggestions], Dumper=_Dumper, sort_keys=False,
-        default_flow_style=False, width=100,
+        [s.to_step() for s in suggestions],
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        width=100,
     )
     if not header:
         return body
     return "# Steps that would have covered the compilations above; paste under `steps:`.\n" + body
+
+
+# --------------------------------------------------------------------------- recorded
+
+
+def recorded_events(entries: Sequence[TraceEntry]) -> list[CompileEvent]:
+    """The compilations a recorded trace carries, as monitor events labelled with
+    their batch (``batch[N]``, N the entry's index)."""
+    out = []
+    for index, entry in enumerate(entries):
+        for c in entry.compiles:
+            out.append(
+                CompileEvent(
+                    kind=cast("EventKind", c.kind),
+                    name=c.name,
+                    key=c.key,
+                    label=batch_label(index),
+                    cache_hit=c.cache_hit,
+                    duration_s=c.duration_s,
+                )
+            )
+    return out
+
+
+def compile_size_padding(sizes: Iterable[int]) -> Padding:
+    """Pad up to the smallest of ``sizes`` that holds ``n`` (``n`` above them all)."""
+    ordered = sorted(set(sizes))
+
+    def pad(n: int) -> int:
+        return next((s for s in ordered if s >= n), n)
+
+    return pad
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def insert_steps(text: str, suggestions: Sequence[Suggestion], *, file: str, note: str = "") -> str:
+    """Plan ``text`` with ``suggestions`` appended to its ``steps:`` list, indented as
+    the list is; ids that exist already get a ``-2``, ``-3`` ... suffix. Raises
+    ``UserError`` when the plan's steps are not a block list this can append to."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{file}: cannot read the plan to patch it: {exc}") from None
+    steps = None
+    if isinstance(root, yaml.MappingNode):
+        steps = next((v for k, v in root.value if getattr(k, "value", None) == "steps"), None)
+    if not isinstance(steps, yaml.SequenceNode) or not steps.value:
+        raise UserError(f"{file}: no 'steps:' list to add the suggested steps to")
+    if steps.flow_style:
+        line = steps.start_mark.line + 1
+        raise UserError(
+            f"{file}:{line}: 'steps' is a flow list ([...]); paste the steps by hand (--yaml prints them)"
+        )
+    lines = text.splitlines(keepends=True)
+    first = steps.value[0].start_mark
+    dash = lines[first.line].rfind("-", 0, first.column)
+    indent = " " * max(dash, 0)
+    taken = {
+        str(v.value)
+        for item in steps.value
+        if isinstance(item, yaml.MappingNode)
+        for k, v in item.value
+        if getattr(k, "value", None) == "id"
+    }
+    renamed = [_unique(s, taken) for s in suggestions]
+    end = steps.value[-1].end_mark
+    at = end.line + 1 if end.column > 0 else end.line
+    body = render_yaml(renamed, header=False)
+    block = [f"{indent}# {note}\n"] if note else []
+    block += [f"{indent}{line}\n" for line in body.splitlines()]
+    if at > 0 and not lines[at - 1].endswith("\n"):
+        lines[at - 1] += "\n"
+    return "".join(lines[:at] + block + lines[at:])
+
+
+def _unique(suggestion: Suggestion, taken: set[str]) -> Suggestion:
+    ident, n = suggestion.id, 2
+    while ident in taken:
+        ident = f"{suggestion.id}-{n}"
+        n += 1
+    taken.add(ident)
+    return replace(suggestion, id=ident)
+
+
+def render_patch(path: str, text: str, suggestions: Sequence[Suggestion], *, note: str = "") -> str:
+    """A unified diff (``git apply`` / ``patch -p1``) adding ``suggestions`` to the plan
+    at ``path`` whose content is ``text``; ``""`` when there are none. The patched plan
+    is checked to load before the diff is returned."""
+    if not suggestions:
+        return ""
+    from warmplan.plan import parse_plan
+
+    patched = insert_steps(text, suggestions, file=path, note=note)
+    parse_plan(patched, file=path, path=path)
+    name = path.lstrip("./") if not path.startswith("/") else path
+    return "".join(
+        difflib.unified_diff(
+            text.splitlines(keepends=True),
+            patched.splitlines(keepends=True),
+            fromfile=f"a/{name}",
+            tofile=f"b/{name}",
+        )
+    )
