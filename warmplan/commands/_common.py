@@ -30,14 +30,14 @@ def read_model_config(path: str | None) -> dict[str, Any]:
     schema of a plan's ``builtin`` block, with ``file:line:column`` on every problem."""
     if path is None:
         return {}
-    from warmplan.plan import check_mapping
+    from warmplan.diagnostics import validate_text
     from warmplan.schema import BUILTIN
 
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read --model-config: {exc}") from None
-    return check_mapping(BUILTIN, text, file=path)
+    return validate_text(BUILTIN, text, file=path)
 
 
 def make_worker(args: argparse.Namespace, plan: Plan) -> Any:

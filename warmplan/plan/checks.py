@@ -1,0 +1,71 @@
+"""What the schema cannot say about a plan: unique step ids, ``replaces`` naming a
+later dummy run, gates, and each kind's own checks (``StepKind.check``).
+
+The checks run even when the schema found problems, so that every problem of a file
+is reported at once: each looks only at values of the right shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from warmplan.diagnostics import did_you_mean
+from warmplan.steps import STEPS
+from warmplan.steps.common import Problems, check_gates
+
+
+def check_plan(data: Mapping[str, Any], problems: Problems) -> None:
+    """Add every semantic problem of the plan ``data`` (of any shape) to ``problems``."""
+    raw_steps = data.get("steps")
+    steps = raw_steps if isinstance(raw_steps, list) else []
+    kinds = {s.get("id"): s.get("kind") for s in steps if isinstance(s, dict)}
+    index: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        sid = step.get("id") if isinstance(step, dict) else None
+        if not isinstance(sid, str):
+            continue
+        if sid in index:
+            problems.add(
+                ("steps", i, "id"), f"duplicate step id {sid!r} (first used by steps[{index[sid]}])"
+            )
+        else:
+            index[sid] = i
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict):
+            continue
+        if isinstance(step.get("when"), dict):
+            check_gates(step["when"], ("steps", i, "when"), problems)
+        _check_replaces(step, i, index, kinds, problems)
+        name = step.get("kind")
+        kind = STEPS.get(name) if isinstance(name, str) else None
+        if kind is not None:
+            kind.check(step, ("steps", i), problems)
+    if isinstance(data.get("when"), dict):
+        check_gates(data["when"], ("when",), problems)
+
+
+def _check_replaces(
+    step: Mapping[str, Any],
+    i: int,
+    index: Mapping[str, int],
+    kinds: Mapping[Any, Any],
+    problems: Problems,
+) -> None:
+    target = step.get("replaces")
+    if not isinstance(target, str):
+        return
+    at = ("steps", i, "replaces")
+    j = index.get(target)
+    if j is None:
+        problems.add(at, f"no step with id {target!r}{did_you_mean(target, index)}")
+    elif j <= i:
+        problems.add(
+            at,
+            f"expected a later step, found {target!r} (steps[{j}]), which runs before this one",
+        )
+    elif kinds.get(target) != "dummy_run":
+        problems.add(
+            at,
+            f"expected the id of a dummy_run step, found {target!r}, a {kinds.get(target)} step",
+        )
