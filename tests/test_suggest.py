@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
+from tests._paths import PLANS
+from warmplan.errors import UserError
 from warmplan.monitor import CompileEvent
 from warmplan.plan import parse_plan
-from warmplan.suggest import padding_of, render_yaml, shape_of, suggest
+from warmplan.suggest import (
+    Suggestion,
+    compile_size_padding,
+    insert_steps,
+    padding_of,
+    recorded_events,
+    render_patch,
+    render_yaml,
+    shape_of,
+    suggest,
+)
+from warmplan.trace import RecordedCompile, TraceEntry
 from warmplan.workers.base import Batch, PrefillChunk
 
 
@@ -138,3 +152,90 @@ def test_rendered_yaml_is_a_valid_plan_step_list() -> None:
     )
     plan = parse_plan(plan_text, file="pasted.yaml")
     assert [s.id for s in plan.steps] == [s["id"] for s in yaml.safe_load(text)]
+
+
+# -- patches ------------------------------------------------------------------------
+
+BLOCK_PLAN = """\
+version: 1
+name: p
+steps:
+  - id: suggested-slot-mapping
+    kind: slot_mapping
+    tokens: [1]
+  - {id: one, kind: dummy_run, shape: plain, tokens: 1}
+# a trailing comment
+"""
+
+
+def _suggestions() -> list[Suggestion]:
+    return suggest([_event(0), _event(1)], BATCHES, padded_num_tokens=_pad)
+
+
+def test_insert_steps_appends_after_the_last_step_with_its_indentation() -> None:
+    """The steps go after the last item, indented like it; taken ids get a suffix."""
+    patched = insert_steps(BLOCK_PLAN, _suggestions(), file="p.yaml", note="from t.jsonl")
+    head = BLOCK_PLAN.split("# a trailing comment")[0]
+    assert patched.startswith(head + "  # from t.jsonl\n  - id: suggested-slot-mapping-2\n")
+    assert patched.endswith("# a trailing comment\n")
+    plan = parse_plan(patched)
+    assert [s.id for s in plan.steps] == [
+        "suggested-slot-mapping",
+        "one",
+        "suggested-slot-mapping-2",
+        "suggested-mixed-64",
+        "suggested-uniform-decode-16",
+    ]
+
+
+def test_render_patch_is_a_unified_diff_of_the_plan() -> None:
+    """The patch only adds lines, under a/ and b/ names."""
+    patch = render_patch("plans/p.yaml", BLOCK_PLAN, _suggestions())
+    assert patch.startswith("--- a/plans/p.yaml\n+++ b/plans/p.yaml\n@@ ")
+    changed = [
+        line for line in patch.splitlines()[2:] if line[:1] in "+-" and not line.startswith("@@")
+    ]
+    assert changed and all(line.startswith("+") for line in changed)
+    assert render_patch("plans/p.yaml", BLOCK_PLAN, []) == ""
+
+
+def test_insert_steps_refuses_a_flow_list_of_steps() -> None:
+    """steps: [...] cannot be appended to line-wise; the message says where and what to do."""
+    text = "version: 1\nname: p\nsteps: [{id: a, kind: slot_mapping, tokens: [1]}]\n"
+    with pytest.raises(UserError) as caught:
+        insert_steps(text, _suggestions(), file="p.yaml")
+    assert str(caught.value) == (
+        "p.yaml:3: 'steps' is a flow list ([...]); paste the steps by hand (--yaml prints them)"
+    )
+
+
+def test_shipped_plans_take_a_patch() -> None:
+    """Every shipped plan (block and flow-mapping items) loads with suggestions appended."""
+    for path in sorted(PLANS.glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        patched = insert_steps(text, _suggestions(), file=str(path))
+        assert len(parse_plan(patched).steps) == len(parse_plan(text).steps) + 3
+
+
+def test_recorded_events_label_each_compile_with_its_batch() -> None:
+    """A recorded trace's compiles become monitor events labelled batch[N]."""
+    entries = [
+        TraceEntry(line=1, batch=Batch(decode=1)),
+        TraceEntry(
+            line=2,
+            batch=Batch(decode=9),
+            compiles=(RecordedCompile("dynamo", "forward", "x=float32[16]", True, 0.1),),
+        ),
+    ]
+    assert recorded_events(entries) == [
+        CompileEvent(
+            kind="dynamo",
+            name="forward",
+            key="x=float32[16]",
+            label="batch[1]",
+            cache_hit=True,
+            duration_s=0.1,
+        )
+    ]
+    pad = compile_size_padding([64, 1, 16])
+    assert [pad(n) for n in (1, 2, 16, 17, 65)] == [1, 16, 16, 64, 65]

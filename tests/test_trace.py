@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from warmplan.errors import UserError
 from warmplan.trace import (
+    TraceRequest,
     batch_index,
     batch_label,
     check_fits,
@@ -17,6 +18,7 @@ from warmplan.trace import (
     load_trace,
     load_trace_entries,
     parse_batch,
+    read_trace,
 )
 from warmplan.workers.base import Batch, Limits, PrefillChunk
 
@@ -184,3 +186,87 @@ def test_shipped_traces_have_their_character() -> None:
     decode_only = sum(1 for b in chat if not b.prefill)
     assert decode_only > len(chat) / 2
     assert any(b.decode and b.prefill for b in chat)
+
+
+# -- request-level traces -------------------------------------------------------------
+
+
+def test_request_lines_read_with_defaults(tmp_path: Path) -> None:
+    """A request: prompt and output required; hit 0, arrival unset, id from the line."""
+    path = _write(
+        tmp_path,
+        '# requests\n{"prompt_tokens": 90, "output_tokens": 4}\n'
+        '{"id": "b", "arrival_s": 0.5, "prompt_tokens": 900, "cached_tokens": 512, "output_tokens": 1}\n',
+    )
+    trace = read_trace(path)
+    assert trace.kind == "requests" and trace.batches == ()
+    assert trace.requests == (
+        TraceRequest(line=2, id="line-2", prompt_tokens=90, output_tokens=4),
+        TraceRequest(
+            line=3, id="b", prompt_tokens=900, output_tokens=1, cached_tokens=512, arrival_s=0.5
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"prompt_tokens": -5, "output_tokens": 4}',
+            "field 'prompt_tokens': expected a positive integer, found -5",
+        ),
+        (
+            '{"prompt_tokens": 5, "output_tokens": 0}',
+            "field 'output_tokens': expected a positive integer, found 0",
+        ),
+        ('{"prompt_tokens": 5}', "field 'output_tokens': missing; expected a positive integer"),
+        (
+            '{"prompt_tokens": 5, "output_tokens": 1, "cached_tokens": 6}',
+            "field 'cached_tokens': a prefix-cache hit of 6 tokens is longer than the prompt "
+            "(5 tokens); expected 0 <= cached_tokens <= prompt_tokens",
+        ),
+        (
+            '{"prompt_tokens": 5, "output_tokens": 1, "arrival_step": 1, "arrival_s": 0.1}',
+            "fields 'arrival_step' and 'arrival_s': expected one of them, found both",
+        ),
+        (
+            '{"prompt_tokens": 5, "output_tokens": 1, "arrival_s": -1}',
+            "field 'arrival_s': expected a non-negative number, found -1",
+        ),
+        (
+            '{"prompt_tokens": 5, "output_tokens": 1, "prompt": 5}',
+            "unknown key 'prompt'; expected one of id, arrival_step, arrival_s, prompt_tokens, "
+            "cached_tokens, output_tokens",
+        ),
+        (
+            '{"decode": 1}',
+            "a batch in a trace of requests (from line 1); a trace holds batches or requests, not both",
+        ),
+    ],
+)
+def test_bad_request_line_names_file_line_and_field(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    """Each problem of a request line is one UserError at file:line."""
+    path = _write(tmp_path, '{"prompt_tokens": 5, "output_tokens": 1}\n# ok\n' + line + "\n")
+    with pytest.raises(UserError) as caught:
+        read_trace(path)
+    assert str(caught.value) == f"{path}:3: {message}"
+
+
+def test_load_trace_entries_refuses_a_request_level_trace(tmp_path: Path) -> None:
+    """Code that wants batches is told the trace holds requests."""
+    path = _write(tmp_path, '{"prompt_tokens": 5, "output_tokens": 1}\n')
+    with pytest.raises(UserError, match=r"t\.jsonl:1: a request-level trace; expected batches"):
+        load_trace_entries(path)
+
+
+def test_recorded_compiles_are_checked(tmp_path: Path) -> None:
+    """A recorded line's compiles are objects with kind, name and key strings."""
+    path = _write(
+        tmp_path,
+        '{"decode": 1, "step": 0, "compiles": [{"kind": "dynamo", "name": 3, "key": ""}]}\n',
+    )
+    with pytest.raises(UserError) as caught:
+        read_trace(path)
+    assert str(caught.value) == f"{path}:1: field 'compiles[0].name': expected a string, found 3"

@@ -172,8 +172,8 @@ def test_batch_over_the_limits_is_rechunked(tmp_path: Path) -> None:
     ]
     assert result.replay is not None
     assert result.replay.describe() == [
-        "re-chunked 1 of 2 batches over max_num_batched_tokens 64, max_num_seqs 16 into 2:",
-        "  line 2: 73 tokens (3 decodes + 1 chunk) -> 64 + 9",
+        "re-chunked 1 of 2 batches into 2 under max_num_batched_tokens 64, max_num_seqs 16:",
+        "  line 2: 73 tokens (3 decodes + 1 chunk) -> 64 + 9 (over the budget)",
     ]
     assert [e.line for e in result.entries] == [1, 2, 2]
 
@@ -353,3 +353,31 @@ def test_builtin_engine_replay_suggest_and_cover(tmp_path: Path) -> None:
         plan_plus, build_worker(dict(plan_plus.builtin), device="cpu"), entries
     )
     assert again.events == [], again.rows()
+
+
+@pytest.mark.usefixtures("fake_worker")
+def test_cli_schedules_a_request_level_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Requests are scheduled under the worker's limits; the output says into what."""
+    trace = _trace(
+        tmp_path,
+        '{"prompt_tokens": 100, "output_tokens": 3}\n'
+        '{"arrival_step": 1, "prompt_tokens": 30, "cached_tokens": 16, "output_tokens": 2}\n',
+    )
+    code = main(["verify", str(_plan(tmp_path, 1, 16, 64)), "--trace", str(trace), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["covered"]
+    assert data["scheduling"]["schedule"] == {
+        "requests": 2,
+        "batches": 4,
+        "idle_steps": 0,
+        "preemptions": 0,
+        "prefill_chunks": 3,
+        "decode_tokens": 3,
+    }
+    assert main(["verify", str(_plan(tmp_path, 1, 16, 64)), "--trace", str(trace)]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "scheduled 2 requests into 4 batches under max_num_batched_tokens 64, max_num_seqs 16 "
+        "(3 prefill chunks, 3 decodes, 0 preemptions, 0 idle steps skipped)"
+    )

@@ -160,9 +160,13 @@ class TraceRecorder:
         self._size = 0
         self._last_flush = clock()
         self.stats = RecorderStats()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._rotate_files()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                self._rotate_files()
+        except OSError as exc:
+            self._disable(exc)
+            return
         self._open()
 
     # -- the hot path -------------------------------------------------------------

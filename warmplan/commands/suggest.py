@@ -47,6 +47,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--run",
+        dest="replay",
         action="store_true",
         help="replay the trace after the plan on the worker instead of reading recorded compilations",
     )
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan_or_exit(args.plan)
     step_s = step_seconds(args)
     trace = read_trace(args.trace)
-    if args.run:
+    if args.replay:
         from warmplan.verify import verify
 
         worker = make_worker(args, plan)
