@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,3 +49,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         )
     config.hook.pytest_deselected(items=marked)
     items[:] = [item for item in items if item.get_closest_marker("vllm") is None]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """In the vLLM tier (WARMPLAN_REQUIRE_VLLM=1) a skipped `vllm` test fails."""
+    import os
+
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        report.skipped
+        and os.environ.get(REQUIRE_VLLM_ENV) == "1"
+        and item.get_closest_marker("vllm") is not None
+    ):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: skipped in the vLLM tier, where nothing may skip"
