@@ -18,6 +18,7 @@ import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -466,3 +467,30 @@ def test_plugin_refuses_a_replace_it_cannot_honour(
         info.value
     )
     assert "'jit_warmup_registry' is a runner method" in str(info.value)
+
+
+def test_one_report_per_compile_beside_vllms_jit_monitor(
+    plugin: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With vLLM's own JIT monitor active (it reports Triton compiles), warmplan's
+    counts Triton compiles quietly and reports only what vLLM's does not watch."""
+    import vllm.utils.jit_monitor as vllm_monitor
+    from structlog.testing import capture_logs
+
+    from warmplan import vllm_plugin
+    from warmplan.monitor import CompileEvent
+
+    monkeypatch.setenv("WARMPLAN_JIT_MONITOR", "warn")
+    monkeypatch.setattr(vllm_monitor, "_active", True)
+    worker = SimpleNamespace()
+    vllm_plugin._arm_monitor(worker)
+    monitor = worker._warmplan_monitor
+    try:
+        event = {"key": "k", "label": "serving step 1", "cache_hit": False, "duration_s": 0.1}
+        with capture_logs() as logs:
+            monitor._record(CompileEvent(kind="triton", name="_kernel", **event))
+            monitor._record(CompileEvent(kind="dynamo", name="forward", **event))
+        assert monitor.compiles() == 2
+        assert [(e["event"], e["kind"]) for e in logs] == [("jit_compile_after_warmup", "dynamo")]
+    finally:
+        monitor.uninstall()
