@@ -222,3 +222,26 @@ def test_cli_record_synthetic_json(
     assert data["recorder"]["batches_written"] == data["batches"] > 4
     assert data["scheduling"]["schedule"]["requests"] == 4
     assert len(read_trace(tmp_path / "r.jsonl").batches) == data["batches"]
+
+
+def test_a_trace_recorded_elsewhere_is_not_compared(tmp_path: Path) -> None:
+    """Another plan, or batches re-chunked for smaller limits: the live count, not compared."""
+    plan, traffic = _files(tmp_path)
+    out = tmp_path / "rec.jsonl"
+    header = {"plan": "production"}
+    record(_load(plan), CompilingWorker(), read_trace(traffic), TraceRecorder(out, header=header))
+    torch._dynamo.reset()
+    other = verify(_load(plan), CompilingWorker(), read_trace(out), path=str(out))
+    assert other.recorded_line() == (
+        "recorded live: 2 compile events (compiles and disk loads) after plan 'production'; "
+        "not compared"
+    )
+    big = tmp_path / "big.jsonl"
+    with TraceRecorder(big) as recorder:
+        recorder.record_batch(Batch(decode=2, prefill=(PrefillChunk(100),)), compiles=[EVENT])
+    torch._dynamo.reset()
+    rechunked = verify(_load(plan), CompilingWorker(), read_trace(big), path=str(big))
+    assert rechunked.recorded_line() == (
+        "recorded live: 1 compile events (compiles and disk loads) on a worker with other "
+        "limits (1 batches re-chunked here); not compared"
+    )

@@ -41,6 +41,7 @@ class VerifyResult:
     suggestions: list[Suggestion] = field(default_factory=list)
     report: Any = None
     replay: Replay | None = None
+    plan_name: str | None = None
 
     @property
     def compiles(self) -> int:
@@ -134,16 +135,27 @@ class VerifyResult:
 
     def recorded_line(self) -> str | None:
         """How the replay compares with what the recording saw live (``None`` when the
-        trace was not recorded)."""
+        trace was not recorded). Compared only when the replay ran the recorded batches
+        as they were, after the plan the recording ran."""
         live = self.recorded
-        if live is None:
+        if live is None or self.replay is None:
             return None
+        head = f"recorded live: {live} compile events (compiles and disk loads)"
+        if self.replay.rechunked:
+            n = len(self.replay.rechunked)
+            return (
+                f"{head} on a worker with other limits ({n} batches re-chunked here); not compared"
+            )
+        recorded_plan = self.replay.trace.header.get("plan")
+        if (
+            recorded_plan is not None
+            and self.plan_name is not None
+            and recorded_plan != self.plan_name
+        ):
+            return f"{head} after plan {recorded_plan!r}; not compared"
         seen = len(self.events)
         same = "the same" if seen == live else "DIFFERENT"
-        return (
-            f"recorded live: {live} compile events (compiles and disk loads); "
-            f"this replay: {seen} ({same})"
-        )
+        return f"{head}; this replay: {seen} ({same})"
 
 
 def _hint_for(entries: Sequence[TraceEntry]) -> Callable[[CompileEvent], str | None]:
@@ -216,6 +228,7 @@ def verify(
         ),
         report=report,
         replay=replay,
+        plan_name=plan.name,
     )
 
 
