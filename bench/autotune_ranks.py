@@ -40,7 +40,7 @@ def rank_main(job: dict[str, Any]) -> int:
     sys.path.insert(0, str(ROOT))
     import structlog
 
-    from warmplan.dist import current_world
+    from warmplan.world import current_world
     from warmplan.steps.autotune import ResolvedAutotune, run_autotune
     from warmplan.workers.builtin.worker import BuiltinWorker
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import structlog
 
-from warmplan.autotune.fake import FakeWorker
 from warmplan.autotune.flashinfer import FlashInferBackend
 from warmplan.steps.autotune import ResolvedAutotune, run_autotune
+from warmplan.testing import RecordingWorker
 from warmplan.workers.base import AutotuneLoadError
 
 META = {"flashinfer_version": "0.7.2", "cudnn_frontend_version": "1.12.0", "gpu": "NVIDIA H200"}
@@ -93,11 +93,11 @@ def install(
     return tuner
 
 
-class MmWorker(FakeWorker):
+class MmWorker(RecordingWorker):
     """A worker whose run calls a 'FlashInfer GEMM' that consults the tuner."""
 
     def __init__(self, tuner: FakeTuner, backend: FlashInferBackend) -> None:
-        super().__init__(backend=backend)
+        super().__init__(platform="cpu", backends={backend.name: backend})
         self.tuner = tuner
 
     def dummy_run(

@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from warmplan.compile_cache import UnsafeArchive, cache_dirs, pack, share_compile_caches, unpack
-from warmplan.dist import LocalWorld
+from warmplan.world import LocalWorld
 
 
 def test_pack_unpack_round_trip(tmp_path: Path) -> None:

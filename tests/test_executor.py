@@ -12,7 +12,7 @@ from tests._paths import PLANS
 from warmplan.errors import StepError
 from warmplan.executor import run_plan
 from warmplan.plan import load_plan, parse_plan
-from warmplan.testing import Call, RecordingWorker, run_plan_text
+from warmplan.testing import Call, FakeBackend, RecordingWorker, run_plan_text
 
 DSV4 = load_plan(PLANS / "dsv4.yaml")
 NO_FI = {"enable_flashinfer_autotune": False}
@@ -136,8 +136,6 @@ def test_report_fields(tmp_path: Path) -> None:
 
 
 def _sm120(tmp_path: Path, **kw: object) -> tuple[RecordingWorker, dict[str, object]]:
-    from warmplan.autotune.fake import FakeBackend
-
     backends = {name: FakeBackend(name=name) for name in ("flashinfer_dsv4_decode", "flashinfer")}
     worker = RecordingWorker(
         max_num_tokens=8, max_num_batched_tokens=2048, device_capability=(12, 0),
@@ -176,8 +174,6 @@ def test_autotune_step_failure_restores_buffers(tmp_path: Path) -> None:
 
 def test_load_only_plan_without_on_missing_skips(tmp_path: Path) -> None:
     """A load_only step with no cache and no on_missing skips with a reason (it never tunes)."""
-    from warmplan.autotune.fake import FakeBackend
-
     text = (
         "version: 1\nname: t\nsteps:\n"
         "  - {id: t, kind: autotune, backend: builtin, run: {shape: plain, tokens: 8}, cache: {policy: load_only}}\n"

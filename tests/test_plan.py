@@ -108,7 +108,7 @@ def test_every_problem_of_a_file_at_once() -> None:
     assert problems(text) == [
         "p.yaml:4:5: steps[0]: missing required key 'tokens'",
         "p.yaml:6:5: steps[0].tokns: unknown key 'tokns' (did you mean 'tokens'?); expected one of id, description, enabled, when, kind, tokens, clamp_to",
-        "p.yaml:8:11: steps[1].kind: unknown step kind 'dummy_rn'; expected one of autotune, dummy_run, slot_mapping (did you mean 'dummy_run'?)",
+        "p.yaml:8:11: steps[1].kind: unknown step kind 'dummy_rn'; expected one of autotune, dummy_run, engine_warmup, slot_mapping (did you mean 'dummy_run'?)",
         "p.yaml:11:12: steps[2].shape: expected one of mixed, single_prefill, uniform_decode, plain, found 'mixd' (did you mean 'mixed'?)",
         "p.yaml:12:13: steps[2].tokens: expected an integer >= 0, found -1",
         "p.yaml:13:9: steps[3].id: duplicate step id 'one' (first used by steps[0])",
@@ -224,7 +224,7 @@ def test_replaces_must_name_a_dummy_run() -> None:
         (HEAD + "  - 7\n", "p.yaml:4:5: steps[0]: expected a step mapping, found 7"),
         (
             HEAD + "  - {id: a, tokens: [1]}\n",
-            "p.yaml:4:5: steps[0]: missing required key 'kind'; expected one of autotune, dummy_run, slot_mapping",
+            "p.yaml:4:5: steps[0]: missing required key 'kind'; expected one of autotune, dummy_run, engine_warmup, slot_mapping",
         ),
     ],
 )
@@ -290,7 +290,7 @@ def test_validate_cli_reports_all_files(write_plan: Callable[..., Path]) -> None
     assert proc.returncode == 1
     assert proc.stdout == f"ok: {good} (builtin-smoke, 4 steps)\n"
     assert proc.stderr == (
-        f"{bad}:4:19: steps[0].kind: unknown step kind 'nope'; expected one of autotune, dummy_run, slot_mapping\n"
+        f"{bad}:4:19: steps[0].kind: unknown step kind 'nope'; expected one of autotune, dummy_run, engine_warmup, slot_mapping\n"
         f"{empty}:1:1: the file is empty; expected a plan mapping\n"
         "2 of 3 plan files invalid\n"
     )

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from warmplan.dist import World, WorldError
+from warmplan.world import World, WorldError
 from warmplan.errors import StepError, WarmplanError
 
 STEP_ID = "compile_cache"

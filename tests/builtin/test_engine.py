@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from warmplan.dist import LocalWorld
+from warmplan.world import LocalWorld
 from warmplan.workers.base import Batch, PrefillChunk, ServingWorker, Worker
 from warmplan.workers.builtin import (
     CONFIG_FIELDS,

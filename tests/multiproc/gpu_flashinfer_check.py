@@ -19,15 +19,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import structlog
 
-from warmplan.autotune.fake import FakeWorker
 from warmplan.autotune.flashinfer import FlashInferBackend
 from warmplan.steps.autotune import ResolvedAutotune, run_autotune
+from warmplan.testing import RecordingWorker
 from warmplan.workers.base import Facts, WorkerInfo
 
 
-class MmWorker(FakeWorker):
+class MmWorker(RecordingWorker):
     def __init__(self, backend: FlashInferBackend) -> None:
-        super().__init__(backend=backend)
+        super().__init__(platform="cpu", backends={backend.name: backend})
         import torch
 
         self.torch = torch

@@ -8,24 +8,68 @@ exits with its exit code (2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from warmplan.autotune import default_on_missing  # noqa: E402
-from warmplan.autotune.cache import default_cache_root  # noqa: E402
-from warmplan.autotune.fake import FakeBackend  # noqa: E402
-from warmplan.dist import current_world  # noqa: E402
 from warmplan.errors import StepError  # noqa: E402
+from warmplan.fsutil import default_cache_root  # noqa: E402
 from warmplan.log import get_logger  # noqa: E402
 from warmplan.steps.autotune import ResolvedAutotune, run_autotune  # noqa: E402
-from warmplan.testing import RecordingWorker  # noqa: E402
+from warmplan.testing import FakeBackend, RecordingWorker  # noqa: E402
+from warmplan.world import WorldTimeout, current_world  # noqa: E402
+
+
+class EnvFakeBackend(FakeBackend):
+    """A ``FakeBackend`` a test drives through the environment of each rank.
+
+    Each entry into ``tuning()`` appends a line to ``<record_dir>/tuned.rank<R>`` and
+    each ``load`` to ``loaded.rank<R>``, so the test can count exactly who tuned.
+    ``WARMPLAN_FAKE_RECORD_DIR``, ``WARMPLAN_FAKE_VERSION``, ``WARMPLAN_FAKE_UNAVAILABLE``,
+    ``WARMPLAN_FAKE_TUNE_SECONDS`` (tuning takes this long) and
+    ``WARMPLAN_FAKE_DIE_IN_TUNING=1`` (the process exits abruptly inside ``tuning()``:
+    a leader killed mid-tune).
+    """
+
+    def __init__(self, *, rank: int, env: Mapping[str, str]) -> None:
+        super().__init__(
+            version=env.get("WARMPLAN_FAKE_VERSION", "1"),
+            rank=rank,
+            unavailable=env.get("WARMPLAN_FAKE_UNAVAILABLE") or None,
+        )
+        self.record_dir = env.get("WARMPLAN_FAKE_RECORD_DIR") or None
+        self.die_in_tuning = env.get("WARMPLAN_FAKE_DIE_IN_TUNING") == "1"
+        self.tune_seconds = float(env.get("WARMPLAN_FAKE_TUNE_SECONDS", "0"))
+
+    def _record(self, what: str, line: str) -> None:
+        if self.record_dir is None:
+            return
+        os.makedirs(self.record_dir, exist_ok=True)
+        with open(os.path.join(self.record_dir, f"{what}.rank{self.rank}"), "a") as f:
+            f.write(line + "\n")
+
+    @contextlib.contextmanager
+    def tuning(self) -> Iterator[None]:
+        self._record("tuned", f"pid={os.getpid()}")
+        if self.die_in_tuning:
+            os._exit(17)
+        with super().tuning():
+            yield
+            if self.tune_seconds:
+                time.sleep(self.tune_seconds)
+
+    def load(self, payload: bytes) -> None:
+        super().load(payload)
+        self._record("loaded", json.dumps(self.loaded, sort_keys=True))
 
 
 def cache_path(job: dict[str, object], rank: int) -> str:
@@ -40,14 +84,12 @@ def make_worker(job: dict[str, object], world: object) -> object:
         return BuiltinWorker(
             {"device": "cpu", "num_layers": 1}, world=world, compile=bool(job.get("compile", False))
         )  # type: ignore[arg-type]
-    backend = FakeBackend.from_env(rank=world.rank)  # type: ignore[attr-defined]
+    backend = EnvFakeBackend(rank=world.rank, env=os.environ)  # type: ignore[attr-defined]
     return RecordingWorker(world=world, backends={"fake": backend}, platform="cpu")  # type: ignore[arg-type]
 
 
 def world_job(world: Any) -> dict[str, object]:
     """The collectives themselves; then rank 1 hangs and rank 0's barrier must name it."""
-    from warmplan.dist import WorldTimeout
-
     r = world.rank
     big = bytes(range(256)) * 40_000
     got = {

@@ -3,12 +3,14 @@ ranks agree (``policy``), and backends usable by any worker (``flashinfer``). Th
 step itself is ``warmplan.steps.autotune``.
 
 This module holds the vocabulary the step's schema and the policies share, one
-constant each; it imports nothing, so the plan layer can use it.
+constant each; it imports only the world's default timeout, so the plan layer can use it.
 """
 
 from __future__ import annotations
 
 from typing import Final, Literal
+
+from warmplan.world import DEFAULT_TIMEOUT_S as DEFAULT_TIMEOUT_S
 
 Policy = Literal["leader", "every_rank", "load_only"]
 OnMissing = Literal["tune", "skip", "fail"]
@@ -17,7 +19,6 @@ Decision = Literal["tune", "load", "skip"]
 POLICIES: Final[tuple[Policy, ...]] = ("leader", "every_rank", "load_only")
 ON_MISSING: Final[tuple[OnMissing, ...]] = ("tune", "skip", "fail")
 DEFAULT_POLICY: Final[Policy] = "leader"
-DEFAULT_TIMEOUT_S: Final = 600.0
 
 
 def default_on_missing(policy: Policy) -> OnMissing:

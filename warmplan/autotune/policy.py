@@ -26,11 +26,11 @@ import json
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
 
 from warmplan.autotune.cache import (
     FORMAT_VERSION,
     CacheHit,
+    CacheMiss,
     CacheWriteError,
     atomic_write,
     decode_cache,
@@ -38,15 +38,11 @@ from warmplan.autotune.cache import (
     file_holds,
     read_cache,
 )
-from warmplan.dist import World, WorldError
+from warmplan.autotune import Decision, OnMissing, Policy
 from warmplan.errors import StepError
+from warmplan.log import Logger
 from warmplan.workers.base import AutotuneBackend, AutotuneLoadError
-
-POLICIES: tuple[str, ...] = ("leader", "every_rank", "load_only")
-ON_MISSING: tuple[str, ...] = ("tune", "skip", "fail")
-DEFAULT_TIMEOUT_S = 600.0
-
-Decision = Literal["tune", "load", "skip"]
+from warmplan.world import World, WorldError, all_gather_json, ranks_text
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,9 +70,9 @@ class TuneContext:
     path: str
     metadata: Mapping[str, str]
     timeout_s: float
-    on_missing: str
+    on_missing: OnMissing
     run: Callable[[], None]
-    log: Any
+    log: Logger
 
     @property
     def rank(self) -> int:
@@ -117,11 +113,32 @@ def _bcast(ctx: TuneContext, data: bytes | None, what: str) -> bytes | None:
         raise ctx.fail(f"{what}: {exc}") from exc
 
 
-def _gather(ctx: TuneContext, value: str, what: str) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class RankStatus:
+    """What one rank tells the others in a gather: ``ok`` with a value (a
+    fingerprint, where one was loaded), or not ok with the reason."""
+
+    ok: bool
+    value: str = ""
+
+
+OK = RankStatus(True)
+
+
+def _gather(ctx: TuneContext, status: RankStatus, what: str) -> list[RankStatus]:
     try:
-        return ctx.world.all_gather_str(value, timeout_s=ctx.timeout_s)
+        got = all_gather_json(ctx.world, [status.ok, status.value], timeout_s=ctx.timeout_s)
     except WorldError as exc:
         raise ctx.fail(f"{what}: {exc}") from exc
+    return [RankStatus(bool(ok), str(value)) for ok, value in got]
+
+
+def _gather_places(ctx: TuneContext) -> list[tuple[str, str]]:
+    try:
+        got = all_gather_json(ctx.world, [socket.gethostname(), ctx.path], timeout_s=ctx.timeout_s)
+    except WorldError as exc:
+        raise ctx.fail(f"comparing cache paths: {exc}") from exc
+    return [(str(host), str(path)) for host, path in got]
 
 
 def _barrier(ctx: TuneContext, what: str) -> None:
@@ -143,45 +160,39 @@ def _unpack(msg: bytes | None) -> tuple[str, str | None, bytes]:
     return str(doc["kind"]), doc.get("reason"), body
 
 
-def _skip_or_fail(ctx: TuneContext, missing: list[int], statuses: list[str], skip_reason: str) -> AutotuneOutcome:
+def _skip_or_fail(ctx: TuneContext, missing: list[int], statuses: list[RankStatus], skip_reason: str) -> AutotuneOutcome:
     """Ranks ``missing`` have no usable cache and will not tune: fail (on_missing=fail)
     or skip, every rank alike; ``skip_reason`` is formatted with ``ranks``, ``reasons``."""
-    reasons = "; ".join(f"rank {r}: {statuses[r].removeprefix('miss: ')}" for r in missing)
+    reasons = "; ".join(f"rank {r}: {statuses[r].value}" for r in missing)
     if ctx.on_missing == "fail":
-        raise ctx.fail(f"no usable autotune cache on {_ranks(missing)} and on_missing=fail: {reasons}")
+        raise ctx.fail(f"no usable autotune cache on {ranks_text(missing)} and on_missing=fail: {reasons}")
     ctx.log.warning("autotune.skipped", step=ctx.step_id, reason=reasons)
     return AutotuneOutcome(
         decision="skip",
         ran_run=False,
         cache_path=ctx.path,
         fingerprint=None,
-        reason=skip_reason.format(ranks=_ranks(missing), reasons=reasons),
+        reason=skip_reason.format(ranks=ranks_text(missing), reasons=reasons),
     )
 
 
-def _ranks(ranks: list[int]) -> str:
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
-
-
-def _check_statuses(ctx: TuneContext, statuses: list[str], what: str) -> None:
-    """Raise on this rank if any rank reported ``error: ...`` in ``statuses``."""
-    errors = [
-        (r, s.removeprefix("error: ")) for r, s in enumerate(statuses) if s.startswith("error: ")
-    ]
+def _check_statuses(ctx: TuneContext, statuses: list[RankStatus], what: str) -> None:
+    """Raise on this rank if any rank reported a failure in ``statuses``."""
+    errors = [(r, s.value) for r, s in enumerate(statuses) if not s.ok]
     if errors:
         detail = "; ".join(f"rank {r}: {m}" for r, m in errors)
-        raise ctx.fail(f"{what} failed on {_ranks([r for r, _ in errors])}: {detail}")
+        raise ctx.fail(f"{what} failed on {ranks_text([r for r, _ in errors])}: {detail}")
 
 
-def _load_hit(ctx: TuneContext, hit: CacheHit) -> str:
-    """Install ``hit`` in the backend; return ``fingerprint`` or ``error: ...``."""
+def _load_hit(ctx: TuneContext, hit: CacheHit) -> RankStatus:
+    """Install ``hit`` in the backend; ok with its fingerprint, or why not."""
     try:
         ctx.backend.load(hit.payload)
     except AutotuneLoadError as exc:
-        return f"error: backend {ctx.backend.name!r} refused {ctx.path}: {exc}"
+        return RankStatus(False, f"backend {ctx.backend.name!r} refused {ctx.path}: {exc}")
     except Exception as exc:
-        return f"error: loading {ctx.path} raised {type(exc).__name__}: {exc}"
-    return hit.fingerprint
+        return RankStatus(False, f"loading {ctx.path} raised {type(exc).__name__}: {exc}")
+    return RankStatus(True, hit.fingerprint)
 
 
 def _run_captured(ctx: TuneContext) -> str | None:
@@ -206,8 +217,7 @@ def run_leader(ctx: TuneContext) -> AutotuneOutcome:
         else:
             if read.exists:
                 ctx.log.warning("autotune.cache_unusable", step=ctx.step_id, reason=read.reason)
-            kind = {"tune": "tune", "skip": "skip", "fail": "fail"}[ctx.on_missing]
-            msg = _pack(kind, read.reason)
+            msg = _pack(ctx.on_missing, read.reason)
     kind, reason, body = _unpack(_bcast(ctx, msg, "waiting for rank 0's tune-or-load decision"))
     ctx.log.info("autotune.decision", step=ctx.step_id, rank=rank, decision=kind, reason=reason)
 
@@ -239,38 +249,39 @@ def run_leader(ctx: TuneContext) -> AutotuneOutcome:
             raise ctx.fail(f"rank 0 failed while tuning: {rreason}")
         if rkind == "empty":
             ctx.log.warning("autotune.no_results", step=ctx.step_id, reason=rreason)
-            statuses = _gather(ctx, f"error: {run_error}" if run_error else "ok", "after tuning")
+            statuses = _gather(ctx, RankStatus(False, run_error) if run_error else OK, "after tuning")
             _check_statuses(ctx, statuses, "the tuning run")
             return AutotuneOutcome(
                 decision="tune", ran_run=True, cache_path=ctx.path, fingerprint=None, reason=rreason
             )
 
     raw = body
-    status = f"error: {run_error}" if run_error else _place_file(ctx, raw, local_leader=True)
+    status = RankStatus(False, run_error) if run_error else _place_file(ctx, raw, local_leader=True)
     _barrier(ctx, "waiting for every rank to hold the cache file")
-    if status == "ok":
+    if status.ok:
         status = _place_file(ctx, raw, local_leader=False)
-    if status == "ok":
+    if status.ok:
         read = read_cache(ctx.path, ctx.metadata)
-        status = _load_hit(ctx, read) if isinstance(read, CacheHit) else f"error: {read.reason}"
+        status = _load_hit(ctx, read) if isinstance(read, CacheHit) else RankStatus(False, read.reason)
     statuses = _gather(ctx, status, "comparing loaded fingerprints")
     _check_statuses(ctx, statuses, "loading the autotune cache")
-    differ = [r for r, fp in enumerate(statuses) if fp != statuses[0]]
+    prints = [s.value for s in statuses]
+    differ = [r for r, fp in enumerate(prints) if fp != prints[0]]
     if differ:
-        detail = ", ".join(f"rank {r}: {statuses[r][:16]}" for r in differ)
+        detail = ", ".join(f"rank {r}: {prints[r][:16]}" for r in differ)
         raise ctx.fail(
-            f"ranks loaded different tuning results: rank 0 has {statuses[0][:16]}, {detail}"
+            f"ranks loaded different tuning results: rank 0 has {prints[0][:16]}, {detail}"
         )
     if kind == "load":
         ctx.run()
     ctx.log.info(
-        "autotune.loaded", step=ctx.step_id, rank=rank, path=ctx.path, fingerprint=statuses[0]
+        "autotune.loaded", step=ctx.step_id, rank=rank, path=ctx.path, fingerprint=prints[0]
     )
     return AutotuneOutcome(
         decision="tune" if kind == "tune" else "load",
         ran_run=True,
         cache_path=ctx.path,
-        fingerprint=statuses[rank],
+        fingerprint=prints[rank],
         reason=reason if kind == "tune" else None,
     )
 
@@ -296,21 +307,21 @@ def _leader_tune(ctx: TuneContext) -> tuple[bytes, StepError | None]:
     return _pack("ok", None, raw), None
 
 
-def _place_file(ctx: TuneContext, raw: bytes, *, local_leader: bool) -> str:
-    """Make this rank's cache path hold ``raw``; ``ok`` or ``error: ...``.
+def _place_file(ctx: TuneContext, raw: bytes, *, local_leader: bool) -> RankStatus:
+    """Make this rank's cache path hold ``raw``; ok, or why not.
 
     Before the barrier only local rank 0 of each node writes (rank 0 already has);
     after it, a rank whose path is still not right (a per-rank path) writes its own.
     """
     if ctx.rank == 0 or file_holds(ctx.path, raw):
-        return "ok"
+        return OK
     if local_leader and ctx.world.local_rank != 0:
-        return "ok"
+        return OK
     try:
         atomic_write(ctx.path, raw)
     except CacheWriteError as exc:
-        return f"error: {exc}"
-    return "ok"
+        return RankStatus(False, str(exc))
+    return OK
 
 
 # -- every_rank -------------------------------------------------------------------------
@@ -318,29 +329,26 @@ def _place_file(ctx: TuneContext, raw: bytes, *, local_leader: bool) -> str:
 
 def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
     """Each rank tunes or loads its own file; ranks agree only on whether to run."""
-    places = _gather(ctx, f"{socket.gethostname()}\t{ctx.path}", "comparing cache paths")
-    seen: dict[str, int] = {}
-    for r, place in enumerate(places):
+    seen: dict[tuple[str, str], int] = {}
+    for r, place in enumerate(_gather_places(ctx)):
         if place in seen:
             raise ctx.fail(
                 f"policy every_rank needs a cache path per rank, but ranks {seen[place]} and {r} "
-                f"share {place.split(chr(9), 1)[1]} on one host; put {{rank}} in the cache path template"
+                f"share {place[1]} on one host; put {{rank}} in the cache path template"
             )
         seen[place] = r
     read = read_cache(ctx.path, ctx.metadata)
-    statuses = _gather(
-        ctx, "hit" if isinstance(read, CacheHit) else f"miss: {read.reason}", "comparing caches"
-    )
-    missing = [r for r, s in enumerate(statuses) if s != "hit"]
+    statuses = _gather(ctx, _hit_or_miss(read), "comparing caches")
+    missing = [r for r, s in enumerate(statuses) if not s.ok]
     if missing and ctx.on_missing != "tune":
         return _skip_or_fail(ctx, missing, statuses, "{ranks} without a usable cache ({reasons}); on_missing=skip")
     if isinstance(read, CacheHit):
         status = _load_hit(ctx, read)
-        if status.startswith("error: "):
-            raise ctx.fail(status.removeprefix("error: "))
+        if not status.ok:
+            raise ctx.fail(status.value)
         ctx.run()
         return AutotuneOutcome(
-            decision="load", ran_run=True, cache_path=ctx.path, fingerprint=status, reason=None
+            decision="load", ran_run=True, cache_path=ctx.path, fingerprint=status.value, reason=None
         )
     ctx.log.info(
         "autotune.decision", step=ctx.step_id, rank=ctx.rank, decision="tune", reason=read.reason
@@ -364,10 +372,10 @@ def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
     hit = decode_cache(raw, ctx.metadata, path=ctx.path)
     assert isinstance(hit, CacheHit)
     status = _load_hit(ctx, hit)
-    if status.startswith("error: "):
-        raise ctx.fail(status.removeprefix("error: "))
+    if not status.ok:
+        raise ctx.fail(status.value)
     return AutotuneOutcome(
-        decision="tune", ran_run=True, cache_path=ctx.path, fingerprint=status, reason=read.reason
+        decision="tune", ran_run=True, cache_path=ctx.path, fingerprint=status.value, reason=read.reason
     )
 
 
@@ -377,10 +385,8 @@ def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
 def run_load_only(ctx: TuneContext) -> AutotuneOutcome:
     """Every rank loads its file; if any rank cannot, all skip (or all fail)."""
     read = read_cache(ctx.path, ctx.metadata)
-    statuses = _gather(
-        ctx, "hit" if isinstance(read, CacheHit) else f"miss: {read.reason}", "comparing caches"
-    )
-    missing = [r for r, s in enumerate(statuses) if s != "hit"]
+    statuses = _gather(ctx, _hit_or_miss(read), "comparing caches")
+    missing = [r for r, s in enumerate(statuses) if not s.ok]
     if missing:
         return _skip_or_fail(ctx, missing, statuses, "load_only: {ranks} without a usable cache ({reasons})")
     assert isinstance(read, CacheHit)
@@ -391,12 +397,16 @@ def run_load_only(ctx: TuneContext) -> AutotuneOutcome:
         decision="load",
         ran_run=True,
         cache_path=ctx.path,
-        fingerprint=statuses[ctx.rank],
+        fingerprint=statuses[ctx.rank].value,
         reason=None,
     )
 
 
-RUNNERS: dict[str, Callable[[TuneContext], AutotuneOutcome]] = {
+def _hit_or_miss(read: CacheHit | CacheMiss) -> RankStatus:
+    return OK if isinstance(read, CacheHit) else RankStatus(False, read.reason)
+
+
+RUNNERS: dict[Policy, Callable[[TuneContext], AutotuneOutcome]] = {
     "leader": run_leader,
     "every_rank": run_every_rank,
     "load_only": run_load_only,

@@ -33,7 +33,7 @@ from warmplan.autotune import (
 )
 from warmplan.autotune.policy import RUNNERS, AutotuneOutcome, TuneContext, expected_metadata
 from warmplan.diagnostics import did_you_mean
-from warmplan.dist import WorldError
+from warmplan.world import WorldError
 from warmplan.errors import StepError
 from warmplan.log import Logger
 from warmplan.steps.base import (

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from warmplan.dist import World
+    from warmplan.world import World
 
 Shape = Literal["mixed", "single_prefill", "uniform_decode", "plain"]
 SHAPES: tuple[Shape, ...] = ("mixed", "single_prefill", "uniform_decode", "plain")

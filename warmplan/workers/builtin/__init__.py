@@ -21,7 +21,7 @@ from warmplan.workers.builtin.config import (
 )
 
 if TYPE_CHECKING:
-    from warmplan.dist import World
+    from warmplan.world import World
     from warmplan.workers.builtin.attention import (
         ATTENTION_BACKENDS,
         DENSE_BACKEND,

@@ -27,7 +27,7 @@ from warmplan.workers.builtin.config import EngineConfig
 from warmplan.workers.builtin.runner import ModelRunner
 
 if TYPE_CHECKING:
-    from warmplan.dist import World
+    from warmplan.world import World
 
 
 def _version(module: str) -> str | None:
@@ -57,7 +57,7 @@ class BuiltinWorker:
         self.config = config
         self.runner = ModelRunner(config, compile=compile)
         if world is None:
-            from warmplan.dist import LocalWorld
+            from warmplan.world import LocalWorld
 
             world = LocalWorld()
         self._world: World = world
