@@ -381,3 +381,24 @@ def test_cli_schedules_a_request_level_trace(
         "scheduled 2 requests into 4 batches under max_num_batched_tokens 64, max_num_seqs 16 "
         "(3 prefill chunks, 3 decodes, 0 preemptions, 0 idle steps skipped)"
     )
+
+
+@pytest.mark.usefixtures("fake_worker")
+def test_cli_replays_several_traces_after_one_warmup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--trace twice: one warmup, one result per trace; --strict fails if any compiled."""
+    first = _trace(tmp_path, '{"decode": 1}\n')
+    second = tmp_path / "second.jsonl"
+    second.write_text('{"decode": 9}\n{"decode": 1}\n', encoding="utf-8")
+    args = ["verify", str(_plan(tmp_path, 1)), "--trace", str(first), "--trace", str(second)]
+    assert main([*args, "--json", "--strict"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert [(t["trace"], t["batches"], t["replay"]["compiles"]) for t in data["traces"]] == [
+        (str(first), 1, 0),
+        (str(second), 2, 1),
+    ]
+    torch._dynamo.reset()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("plan fake-1: warmup 1 compiles") == 2

@@ -158,8 +158,12 @@ class VerifyResult:
         return f"{head}; this replay: {seen} ({same})"
 
 
-def _hint_for(entries: Sequence[TraceEntry]) -> Callable[[CompileEvent], str | None]:
+def _hint_for(current: list[Sequence[TraceEntry]]) -> Callable[[CompileEvent], str | None]:
+    """A monitor hint naming the trace line of an event's batch (``current[0]``: the
+    entries of the trace being replayed)."""
+
     def hint(event: CompileEvent) -> str | None:
+        entries = current[0]
         index = batch_index(event.label)
         if index is None or not 0 <= index < len(entries):
             return None
@@ -196,6 +200,25 @@ def verify(
     ``trace`` is a ``Trace`` (``warmplan.trace.read_trace``) or a list of batch
     entries; ``limits`` default to the worker's (``SchedulerLimits.of_worker``).
     """
+    source = as_trace(trace, path)
+    return verify_all(plan, worker, [source], monitor=monitor, limits=limits, step_s=step_s)[0]
+
+
+def verify_all(
+    plan: Plan,
+    worker: Worker,
+    traces: Sequence[Trace],
+    *,
+    monitor: JitMonitor | None = None,
+    limits: SchedulerLimits | None = None,
+    step_s: float = DEFAULT_STEP_S,
+) -> list[VerifyResult]:
+    """Run ``plan`` on ``worker`` once, then replay each of ``traces`` in turn.
+
+    Every trace is scheduled (and checked) before the plan runs. A shape one trace
+    compiled is warm for the traces after it: the counts of a later trace are those
+    of a worker that served the earlier ones too.
+    """
     from warmplan.executor import run_plan
 
     if not isinstance(worker, ServingWorker):
@@ -203,33 +226,42 @@ def verify(
             f"warmplan verify replays batches through the worker's serving path, "
             f"but the {engine_name(worker)!r} worker has no execute(batch)"
         )
-    source = as_trace(trace, path)
-    replay = replay_batches(source, limits or SchedulerLimits.of_worker(worker), step_s=step_s)
-    entries = list(replay.entries)
-    monitor = monitor or JitMonitor(hint=_hint_for(entries))
+    limits = limits or SchedulerLimits.of_worker(worker)
+    replays = [replay_batches(t, limits, step_s=step_s) for t in traces]
+    current: list[Sequence[TraceEntry]] = [()]
+    hint = _hint_for(current)
+    monitor = monitor or JitMonitor(hint=hint)
     monitor.install()
+    results: list[VerifyResult] = []
     try:
         report = run_plan(plan, worker, monitor=monitor)
         warmup = monitor.events
         monitor.arm("warn")
-        seconds = replay_entries(worker, entries, monitor, path=source.path)
-        replayed = monitor.events[len(warmup) :]
+        for replay in replays:
+            entries = list(replay.entries)
+            current[0] = entries
+            before = len(monitor.events)
+            seconds = replay_entries(worker, entries, monitor, path=replay.trace.path)
+            replayed = monitor.events[before:]
+            results.append(
+                VerifyResult(
+                    trace=replay.trace.path,
+                    entries=entries,
+                    warmup_compiles=sum(1 for e in warmup if not e.cache_hit),
+                    warmup_cache_loads=sum(1 for e in warmup if e.cache_hit),
+                    events=replayed,
+                    batch_seconds=seconds,
+                    suggestions=suggest(
+                        replayed, [e.batch for e in entries], padded_num_tokens=padding_of(worker)
+                    ),
+                    report=report,
+                    replay=replay,
+                    plan_name=plan.name,
+                )
+            )
     finally:
         monitor.uninstall()
-    return VerifyResult(
-        trace=source.path,
-        entries=entries,
-        warmup_compiles=sum(1 for e in warmup if not e.cache_hit),
-        warmup_cache_loads=sum(1 for e in warmup if e.cache_hit),
-        events=replayed,
-        batch_seconds=seconds,
-        suggestions=suggest(
-            replayed, [e.batch for e in entries], padded_num_tokens=padding_of(worker)
-        ),
-        report=report,
-        replay=replay,
-        plan_name=plan.name,
-    )
+    return results
 
 
 def replay_entries(

@@ -14,7 +14,6 @@ compiled; 2 a step or a batch failed.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from warmplan.commands._common import (
@@ -27,9 +26,9 @@ from warmplan.commands._common import (
 from warmplan.scheduler import DEFAULT_STEP_S
 from warmplan.suggest import render_yaml
 from warmplan.trace import read_trace
-from warmplan.verify import EVENT_COLUMNS, VerifyResult, verify
+from warmplan.verify import EVENT_COLUMNS, VerifyResult, verify, verify_all
 
-__all__ = ["add_parser", "run", "verify"]
+__all__ = ["add_parser", "run", "verify", "verify_all"]
 
 
 def add_parser(subparsers: Any) -> None:
@@ -41,7 +40,9 @@ def add_parser(subparsers: Any) -> None:
         "--trace",
         metavar="TRACE",
         required=True,
-        help="JSON Lines trace: one batch or one request a line (docs/monitor.md)",
+        action="append",
+        help="JSON Lines trace: one batch or one request a line (docs/monitor.md); "
+        "repeat it to replay several traces, one after another, after one warmup",
     )
     add_worker_options(p)
     p.add_argument(
@@ -82,14 +83,21 @@ def step_seconds(args: argparse.Namespace) -> float:
 def run(args: argparse.Namespace) -> int:
     plan = load_plan_or_exit(args.plan)
     step_s = step_seconds(args)
-    trace = read_trace(args.trace)  # a bad trace fails before any worker is built
+    traces = [read_trace(path) for path in args.trace]  # bad traces fail before any worker
     worker = make_worker(args, plan)
-    result = verify(plan, worker, trace, path=str(Path(args.trace)), step_s=step_s)
+    results = verify_all(plan, worker, traces, step_s=step_s)
+    head = {"plan": {"name": plan.name, "path": plan.path}}
     if args.json:
-        print_json({"plan": {"name": plan.name, "path": plan.path}} | result.to_dict())
+        if len(results) == 1:
+            print_json(head | results[0].to_dict())
+        else:
+            print_json(head | {"traces": [r.to_dict() for r in results]})
     else:
-        print_result(plan.name, result, suggest=args.suggest)
-    if args.strict and not result.covered:
+        for n, result in enumerate(results):
+            if n:
+                print()
+            print_result(plan.name, result, suggest=args.suggest)
+    if args.strict and not all(r.covered for r in results):
         return 1
     return 0
 
