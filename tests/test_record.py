@@ -19,8 +19,8 @@ from warmplan.commands import suggest as suggest_cmd
 from warmplan.commands import verify as verify_cmd
 from warmplan.monitor import CompileEvent
 from warmplan.plan import Plan, parse_plan
-from warmplan.record import TraceRecorder, format_line, record
-from warmplan.trace import RecordedCompile, read_trace
+from warmplan.record import TraceRecorder, batch_of, format_line, record
+from warmplan.trace import RecordedCompile, TraceRequest, read_trace
 from warmplan.verify import verify
 from warmplan.workers.base import Batch, PrefillChunk
 
@@ -244,4 +244,27 @@ def test_a_trace_recorded_elsewhere_is_not_compared(tmp_path: Path) -> None:
     assert rechunked.recorded_line() == (
         "recorded live: 1 compile events (compiles and disk loads) on a worker with other "
         "limits (1 batches re-chunked here); not compared"
+    )
+
+
+def test_a_request_recorder_writes_a_request_level_trace(tmp_path: Path) -> None:
+    """kind="requests": one line a finished request, read back as requests."""
+    now = [10.0]
+    path = tmp_path / "req.jsonl"
+    with TraceRecorder(path, kind="requests", clock=lambda: now[0]) as recorder:
+        now[0] = 12.5
+        assert recorder.record_request(900, 40, cached_tokens=512, request_id="r-1")
+        with pytest.raises(ValueError, match="record_batch needs"):
+            recorder.record_batch(Batch(decode=1))
+    trace = read_trace(path)
+    assert trace.kind == "requests" and trace.header["kind"] == "requests"
+    assert trace.requests[0] == TraceRequest(
+        line=2, id="r-1", prompt_tokens=900, output_tokens=40, cached_tokens=512, arrival_s=2.5
+    )
+
+
+def test_batch_of_splits_decodes_from_prefill_chunks() -> None:
+    """(new, computed) per request: one new token is a decode, more a chunk after computed."""
+    assert batch_of([(1, 700), (500, 1024), (1, 12), (9, 0)]) == Batch(
+        decode=2, prefill=(PrefillChunk(500, 1024), PrefillChunk(9))
     )

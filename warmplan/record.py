@@ -36,7 +36,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -46,9 +46,9 @@ from warmplan.log import get_logger
 from warmplan.monitor import CompileEvent, JitMonitor
 from warmplan.plan import Plan
 from warmplan.scheduler import DEFAULT_STEP_S, Replay, SchedulerLimits, replay_batches
-from warmplan.trace import RecordedCompile, Trace, TraceEntry
+from warmplan.trace import RecordedCompile, Trace, TraceEntry, TraceKind
 from warmplan.verify import engine_name, replay_entries
-from warmplan.workers.base import Batch, ServingWorker, Worker
+from warmplan.workers.base import Batch, PrefillChunk, ServingWorker, Worker
 
 log = get_logger(__name__)
 
@@ -87,6 +87,21 @@ def format_line(batch: Batch, step: int, compiles: Sequence[CompileLike] = ()) -
         parts.append(f', "compiles": {events}')
     parts.append("}\n")
     return "".join(parts)
+
+
+def batch_of(scheduled: Iterable[tuple[int, int]]) -> Batch:
+    """The ``Batch`` of a step from each request's ``(new tokens, computed tokens)``, as
+    an engine's scheduler output has them (vLLM: ``num_scheduled_tokens[req]`` and the
+    request's ``num_computed_tokens``): one new token is a decode (query length 1, as
+    the attention backends split them), more a prefill chunk after its computed part."""
+    decode = 0
+    chunks = []
+    for new, computed in scheduled:
+        if new == 1:
+            decode += 1
+        elif new > 1:
+            chunks.append(PrefillChunk(tokens=int(new), context=int(computed)))
+    return Batch(decode=decode, prefill=tuple(chunks))
 
 
 @dataclass(slots=True)
@@ -130,6 +145,8 @@ class TraceRecorder:
     ``sample_every``: write one batch in N (every batch that compiled is written).
     ``flush_every_s``: flush the buffered file at most this often (``0``: every line).
     ``header``: a mapping written as a ``#`` comment line at the top of each file.
+    ``kind``: ``"batches"`` (``record_batch``) or ``"requests"`` (``record_request``:
+    one line a finished request, a request-level trace any worker can schedule).
     """
 
     def __init__(
@@ -141,6 +158,7 @@ class TraceRecorder:
         sample_every: int = 1,
         flush_every_s: float = 1.0,
         header: Mapping[str, Any] | None = None,
+        kind: TraceKind = "batches",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         for name, value, low in (
@@ -154,7 +172,11 @@ class TraceRecorder:
             raise ValueError(f'"flush_every_s" must be >= 0: {flush_every_s!r}')
         self.path = Path(path)
         self._opts = _Options(max_bytes, backups, sample_every, flush_every_s, dict(header or {}))
+        if kind not in ("batches", "requests"):
+            raise ValueError(f'"kind" must be batches or requests: {kind!r}')
+        self._kind: TraceKind = kind
         self._clock = clock
+        self._started = clock()
         self._lock = threading.Lock()
         self._file: IO[str] | None = None
         self._size = 0
@@ -179,6 +201,8 @@ class TraceRecorder:
         ``step`` defaults to the recorder's own count of batches seen (0-based).
         Never raises for an I/O problem: the recorder logs it and stops recording.
         """
+        if self._kind != "batches":
+            raise ValueError('record_batch needs a TraceRecorder(kind="batches")')
         with self._lock:
             stats = self.stats
             seen = stats.batches_seen
@@ -189,32 +213,73 @@ class TraceRecorder:
             if not compiles and seen % self._opts.sample_every:
                 return False
             line = format_line(batch, seen if step is None else step, compiles)
-            try:
-                size = len(line.encode("utf-8")) if compiles else len(line)
-                if self._opts.max_bytes and self._size + size > self._opts.max_bytes:
-                    self._rotate()
-                assert self._file is not None
-                self._file.write(line)
-                self._size += size
-                stats.bytes_written += size
+            if self._write(line, ascii_only=not compiles, urgent=bool(compiles)):
                 stats.batches_written += 1
-                if self._opts.flush_every_s == 0 or compiles:
-                    self._file.flush()
-                    self._last_flush = self._clock()
-                else:
-                    now = self._clock()
-                    if now - self._last_flush >= self._opts.flush_every_s:
-                        self._file.flush()
-                        self._last_flush = now
-            except OSError as exc:
-                self._disable(exc)
+                return True
+            return False
+
+    def record_request(
+        self,
+        prompt_tokens: int,
+        output_tokens: int,
+        *,
+        cached_tokens: int = 0,
+        arrival_s: float | None = None,
+        request_id: str | None = None,
+    ) -> bool:
+        """Record one finished request (a recorder made with ``kind="requests"``):
+        its prompt, prefix-cache hit and output lengths, and when it arrived (seconds
+        since the recorder started by default). ``True`` if written."""
+        if self._kind != "requests":
+            raise ValueError('record_request needs a TraceRecorder(kind="requests")')
+        with self._lock:
+            stats = self.stats
+            seen = stats.batches_seen
+            stats.batches_seen = seen + 1
+            if self._file is None or seen % self._opts.sample_every:
                 return False
-            return True
+            when = self._clock() - self._started if arrival_s is None else arrival_s
+            fields = [] if request_id is None else [f'"id": {json.dumps(str(request_id))}']
+            fields.append(f'"arrival_s": {max(when, 0.0):.3f}')
+            fields.append(f'"prompt_tokens": {int(prompt_tokens):d}')
+            if cached_tokens:
+                fields.append(f'"cached_tokens": {int(cached_tokens):d}')
+            fields.append(f'"output_tokens": {int(output_tokens):d}')
+            line = "{" + ", ".join(fields) + "}\n"
+            if self._write(line, ascii_only=request_id is None, urgent=False):
+                stats.batches_written += 1
+                return True
+            return False
+
+    def _write(self, line: str, *, ascii_only: bool, urgent: bool) -> bool:
+        """Append ``line`` (rotating first if it would not fit); the lock is held."""
+        if self._file is None:
+            return False
+        try:
+            size = len(line) if ascii_only else len(line.encode("utf-8"))
+            if self._opts.max_bytes and self._size + size > self._opts.max_bytes:
+                self._rotate()
+            assert self._file is not None
+            self._file.write(line)
+            self._size += size
+            self.stats.bytes_written += size
+            if self._opts.flush_every_s == 0 or urgent:
+                self._file.flush()
+                self._last_flush = self._clock()
+            else:
+                now = self._clock()
+                if now - self._last_flush >= self._opts.flush_every_s:
+                    self._file.flush()
+                    self._last_flush = now
+        except OSError as exc:
+            self._disable(exc)
+            return False
+        return True
 
     # -- files ------------------------------------------------------------------
 
     def _header_text(self) -> str:
-        data = {"warmplan_trace": 1, "kind": "batches", **self._opts.header}
+        data = {"warmplan_trace": 1, "kind": self._kind, **self._opts.header}
         if self._opts.sample_every > 1:
             data["sample_every"] = self._opts.sample_every
         return "# " + json.dumps(data, sort_keys=False, default=str) + "\n"
