@@ -40,9 +40,9 @@ def rank_main(job: dict[str, Any]) -> int:
     sys.path.insert(0, str(ROOT))
     import structlog
 
-    from warmplan.world import current_world
     from warmplan.steps.autotune import ResolvedAutotune, run_autotune
     from warmplan.workers.builtin.worker import BuiltinWorker
+    from warmplan.world import current_world
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     log = structlog.get_logger("bench")

@@ -14,10 +14,10 @@ from structlog.testing import capture_logs
 
 from warmplan.autotune import default_on_missing
 from warmplan.autotune.cache import encode_cache
-from warmplan.world import LocalWorld, World
 from warmplan.errors import StepError
 from warmplan.steps.autotune import AutotuneOutcome, ResolvedAutotune, run_autotune
 from warmplan.testing import FakeBackend, RecordingWorker, ThreadWorld
+from warmplan.world import LocalWorld, World
 
 LOG = structlog.get_logger("test")
 

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from warmplan.world import World, WorldError
 from warmplan.errors import StepError, WarmplanError
+from warmplan.world import World, WorldError
 
 STEP_ID = "compile_cache"
 _OK = b"O"

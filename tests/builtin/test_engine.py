@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 
-from warmplan.world import LocalWorld
 from warmplan.workers.base import Batch, PrefillChunk, ServingWorker, Worker
 from warmplan.workers.builtin import (
     CONFIG_FIELDS,
@@ -22,6 +21,7 @@ from warmplan.workers.builtin import (
 )
 from warmplan.workers.builtin.kernels import Kernels, chunk_metadata_torch, size_class
 from warmplan.workers.builtin.runner import DECODE_CONTEXT
+from warmplan.world import LocalWorld
 
 
 def test_slot_mapping_matches_formula(eager_worker: BuiltinWorker) -> None:

@@ -27,6 +27,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from warmplan.autotune import Decision, OnMissing, Policy
 from warmplan.autotune.cache import (
     FORMAT_VERSION,
     CacheHit,
@@ -38,7 +39,6 @@ from warmplan.autotune.cache import (
     file_holds,
     read_cache,
 )
-from warmplan.autotune import Decision, OnMissing, Policy
 from warmplan.errors import StepError
 from warmplan.log import Logger
 from warmplan.workers.base import AutotuneBackend, AutotuneLoadError

@@ -54,8 +54,8 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
         raise UserError("warmplan run needs torch: pip install torch (the README pins torch==2.13.0 for CPU machines)") from None
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    from warmplan.world import current_world
     from warmplan.workers.builtin import build_worker
+    from warmplan.world import current_world
 
     source = "the plan's builtin block" + (f" and {args.model_config}" if getattr(args, "model_config", None) else "")
     try:

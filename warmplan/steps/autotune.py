@@ -33,7 +33,6 @@ from warmplan.autotune import (
 )
 from warmplan.autotune.policy import RUNNERS, AutotuneOutcome, TuneContext, expected_metadata
 from warmplan.diagnostics import did_you_mean
-from warmplan.world import WorldError
 from warmplan.errors import StepError
 from warmplan.log import Logger
 from warmplan.steps.base import (
@@ -58,6 +57,7 @@ from warmplan.steps.common import (
 )
 from warmplan.steps.dummy_run import ResolvedRun, requested_of, run_fields
 from warmplan.workers.base import AutotuneBackend, Worker
+from warmplan.world import WorldError
 
 __all__ = ["AutotuneOutcome", "AutotuneStep", "ResolvedAutotune", "run_autotune"]
 

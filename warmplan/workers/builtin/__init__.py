@@ -21,13 +21,13 @@ from warmplan.workers.builtin.config import (
 )
 
 if TYPE_CHECKING:
-    from warmplan.world import World
     from warmplan.workers.builtin.attention import (
         ATTENTION_BACKENDS,
         DENSE_BACKEND,
         SPARSE_MLA_BACKEND,
     )
     from warmplan.workers.builtin.worker import BuiltinWorker
+    from warmplan.world import World
 
 __all__ = [
     "ATTENTION_BACKENDS",

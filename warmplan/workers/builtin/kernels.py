@@ -309,34 +309,3 @@ class Kernels:
         for dst, src in zip(out, results, strict=True):
             dst[req_offset : req_offset + num_tokens].copy_(src[:num_tokens])
         return has_prior
-        if self.use_triton:
-            whole = self._whole
-            if whole is None:
-                raise ValueError("chunk_metadata on CUDA needs set_step_buffers() first")
-            # ``query_start_loc`` etc. are views of these same buffers (see the runner).
-            qsl_buf, ctx_buf, kvs_buf, pos, req, lo, hi = whole
-            _chunk_metadata_kernel[(context_lens.numel(),)](
-                qsl_buf,
-                ctx_buf,
-                kvs_buf,
-                pos,
-                req,
-                lo,
-                hi,
-                req_offset,
-                HAS_PRIOR_CONTEXT=has_prior,
-                BLOCK=128,
-            )
-            return has_prior
-        if not self.compiled or self._whole is None:
-            results = chunk_metadata_torch(query_start_loc, context_lens, kv_start, num_tokens, req_offset, has_prior)
-        else:
-            qsl_buf, ctx_buf, kvs_buf, *_ = self._whole
-            n_q = query_start_loc.numel()
-            qsl = qsl_buf.clone()
-            qsl[n_q:] = qsl[n_q - 1]
-            offset = torch.tensor(req_offset, dtype=torch.int64, device=qsl.device)
-            results = self._meta(qsl, ctx_buf, kvs_buf, self._token_index, offset, has_prior)
-        for dst, src in zip(out, results, strict=True):
-            dst[:num_tokens].copy_(src[:num_tokens])
-        return has_prior
