@@ -28,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default=str(ROOT / "plans" / "builtin-smoke.yaml"))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
-    parser.add_argument("--calls", type=int, default=200, help="slot-mapping calls before each forward")
-    parser.add_argument("--decode", type=int, nargs="+", default=[1, 2, 4], help="decode batch sizes to try")
+    parser.add_argument(
+        "--calls", type=int, default=200, help="slot-mapping calls before each forward"
+    )
+    parser.add_argument(
+        "--decode", type=int, nargs="+", default=[1, 2, 4], help="decode batch sizes to try"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
@@ -62,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             with worker.preserve_state():
                 worker.slot_mapping(1 + i % min(16, max_tokens))
 
-    print(f"| decode | round | after {args.calls} slot-mapping calls ms | next call ms | back to back ms |")
+    print(
+        f"| decode | round | after {args.calls} slot-mapping calls ms | next call ms | back to back ms |"
+    )
     print("| ---: | --- | ---: | ---: | ---: |")
     for n in args.decode:
         for round_ in ("first call of the shape", "again", "again"):

@@ -47,7 +47,9 @@ def rank_main(job: dict[str, Any]) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     log = structlog.get_logger("bench")
     world = current_world(timeout_s=600)
-    worker = BuiltinWorker({"device": job["device"], "num_layers": 1}, world=world, compile=job["kind"] == "compile")
+    worker = BuiltinWorker(
+        {"device": job["device"], "num_layers": 1}, world=world, compile=job["kind"] == "compile"
+    )
     result: dict[str, Any] = {}
     if job["kind"] == "autotune":
         # One untimed forward at a size the step does not tune first: the process's first
@@ -57,10 +59,20 @@ def rank_main(job: dict[str, Any]) -> int:
         worker.synchronize()
         name = f"tune.rank{world.rank}.json" if job["policy"] == "every_rank" else "tune.json"
         step = ResolvedAutotune(
-            id="autotune", kind="autotune", requested=(job["tokens"],), applied=(job["tokens"],),
-            clamp_to="max_num_batched_tokens", limit=job["tokens"], shape="plain", backend=job["backend"],
-            policy=job["policy"], timeout_s=600, config_hash="bench",
-            cache_path=os.path.join(os.environ["WARMPLAN_CACHE_ROOT"], "autotune", job["backend"], name),
+            id="autotune",
+            kind="autotune",
+            requested=(job["tokens"],),
+            applied=(job["tokens"],),
+            clamp_to="max_num_batched_tokens",
+            limit=job["tokens"],
+            shape="plain",
+            backend=job["backend"],
+            policy=job["policy"],
+            timeout_s=600,
+            config_hash="bench",
+            cache_path=os.path.join(
+                os.environ["WARMPLAN_CACHE_ROOT"], "autotune", job["backend"], name
+            ),
         )
         world.barrier(timeout_s=600)
         t = time.perf_counter()
@@ -106,12 +118,21 @@ def launch(n: int, job: dict[str, Any], env_per_rank: list[dict[str, str]]) -> l
     for rank in range(n):
         env = dict(os.environ)
         env.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n),
-            LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(n),
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+            PYTHONWARNINGS="ignore",
         )
         env.update(env_per_rank[rank])
         cmd = [sys.executable, __file__, "--rank-job", json.dumps({**job, "out": out})]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+        )
     results = []
     for rank, p in enumerate(procs):
         _, err = p.communicate()
@@ -127,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--compile-tokens", type=int, default=16)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: NCCL, one GPU a rank")
-    ap.add_argument("--backend", nargs="+", default=["builtin"], choices=["builtin", "triton", "flashinfer"])
+    ap.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: NCCL, one GPU a rank"
+    )
+    ap.add_argument(
+        "--backend", nargs="+", default=["builtin"], choices=["builtin", "triton", "flashinfer"]
+    )
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -138,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device == "cuda" and max(args.ranks) > torch.cuda.device_count():
-        ap.error(f"--ranks {max(args.ranks)} needs as many GPUs; this host has {torch.cuda.device_count()}")
+        ap.error(
+            f"--ranks {max(args.ranks)} needs as many GPUs; this host has {torch.cuda.device_count()}"
+        )
     rows: list[dict[str, Any]] = []
     for backend in args.backend:
         for policy in ("leader", "every_rank"):
@@ -146,43 +173,91 @@ def main(argv: list[str] | None = None) -> int:
                 root = tempfile.mkdtemp(prefix="wp-bench-cache-")
                 env = [{"WARMPLAN_CACHE_ROOT": root}] * n
                 for phase in ("cold", "warm"):
-                    job = {"kind": "autotune", "policy": policy, "tokens": args.tokens, "backend": backend, "device": args.device}
+                    job = {
+                        "kind": "autotune",
+                        "policy": policy,
+                        "tokens": args.tokens,
+                        "backend": backend,
+                        "device": args.device,
+                    }
                     res = launch(n, job, env)
-                    rows.append({
-                        "backend": backend, "policy": policy, "ranks": n, "cache": phase,
-                        "step_s": max(r["seconds"] for r in res),
-                        "decisions": sorted({r["decision"] for r in res}),
-                    })
-                    print(f"[autotune_ranks] {backend} {policy} {n} ranks {phase}: {rows[-1]['step_s']:.3f}s", file=sys.stderr, flush=True)
+                    rows.append(
+                        {
+                            "backend": backend,
+                            "policy": policy,
+                            "ranks": n,
+                            "cache": phase,
+                            "step_s": max(r["seconds"] for r in res),
+                            "decisions": sorted({r["decision"] for r in res}),
+                        }
+                    )
+                    print(
+                        f"[autotune_ranks] {backend} {policy} {n} ranks {phase}: {rows[-1]['step_s']:.3f}s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     compile_rows: list[dict[str, Any]] = []
     if not args.skip_compile:
         for share in (False, True):
             base = tempfile.mkdtemp(prefix="wp-bench-ind-")
-            env = [{"TORCHINDUCTOR_CACHE_DIR": f"{base}/r{r}", "TRITON_CACHE_DIR": f"{base}/t{r}"} for r in range(2)]
-            res = launch(2, {"kind": "compile", "share": share, "tokens": args.compile_tokens, "device": args.device}, env)
-            compile_rows.append({"shared": share, "follower_own_s": res[1]["own_s"],
-                                 "follower_until_warm_s": res[1]["until_warm_s"], "bytes": res[0].get("bytes", 0)})
+            env = [
+                {"TORCHINDUCTOR_CACHE_DIR": f"{base}/r{r}", "TRITON_CACHE_DIR": f"{base}/t{r}"}
+                for r in range(2)
+            ]
+            res = launch(
+                2,
+                {
+                    "kind": "compile",
+                    "share": share,
+                    "tokens": args.compile_tokens,
+                    "device": args.device,
+                },
+                env,
+            )
+            compile_rows.append(
+                {
+                    "shared": share,
+                    "follower_own_s": res[1]["own_s"],
+                    "follower_until_warm_s": res[1]["until_warm_s"],
+                    "bytes": res[0].get("bytes", 0),
+                }
+            )
 
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
-    meta = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "torch": torch.__version__,
-            "card": card, "tokens": args.tokens, "device": args.device}
+    meta = {
+        "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "torch": torch.__version__,
+        "card": card,
+        "tokens": args.tokens,
+        "device": args.device,
+    }
     if args.json:
         print(json.dumps({"meta": meta, "autotune": rows, "compile_cache": compile_rows}, indent=1))
         return 0
     comm = "NCCL" if args.device == "cuda" else "gloo"
-    print(f"# autotune step, {meta['card']}, {comm} ({meta['date']}, torch {meta['torch']}, tokens={args.tokens})")
+    print(
+        f"# autotune step, {meta['card']}, {comm} ({meta['date']}, torch {meta['torch']}, tokens={args.tokens})"
+    )
     print("| backend | policy | ranks | cache | step wall time (s) | decision |")
     print("| --- | --- | ---: | --- | ---: | --- |")
     for r in rows:
-        print(f"| {r['backend']} | {r['policy']} | {r['ranks']} | {r['cache']} | {r['step_s']:.3f} | {'/'.join(r['decisions'])} |")
+        print(
+            f"| {r['backend']} | {r['policy']} | {r['ranks']} | {r['cache']} | {r['step_s']:.3f} | {'/'.join(r['decisions'])} |"
+        )
     if compile_rows:
         print()
-        print(f"# follower warmup, 2 ranks, compile=True, one dummy run of {args.compile_tokens} tokens")
-        print("| compile caches | follower's own warmup (s) | follower until warm (s) | tarball (bytes) |")
+        print(
+            f"# follower warmup, 2 ranks, compile=True, one dummy run of {args.compile_tokens} tokens"
+        )
+        print(
+            "| compile caches | follower's own warmup (s) | follower until warm (s) | tarball (bytes) |"
+        )
         print("| --- | ---: | ---: | ---: |")
         for r in compile_rows:
-            print(f"| {'shared from rank 0' if r['shared'] else 'not shared (cold)'} | {r['follower_own_s']:.2f} | "
-                  f"{r['follower_until_warm_s']:.2f} | {r['bytes']} |")
+            print(
+                f"| {'shared from rank 0' if r['shared'] else 'not shared (cold)'} | {r['follower_own_s']:.2f} | "
+                f"{r['follower_until_warm_s']:.2f} | {r['bytes']} |"
+            )
     return 0
 
 

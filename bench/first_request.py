@@ -90,10 +90,16 @@ def plan_shapes(plan: Any, worker: Any) -> list[Shape]:
             else:
                 ctx = f" ctx {step.prior_context}" if step.prior_context else ""
                 label = f"{step.shape} {n}{ctx}"
-            out.append({
-                "step": step.id, "kind": step.kind, "shape": step.shape, "tokens": n,
-                "prior_context": step.prior_context, "label": label,
-            })
+            out.append(
+                {
+                    "step": step.id,
+                    "kind": step.kind,
+                    "shape": step.shape,
+                    "tokens": n,
+                    "prior_context": step.prior_context,
+                    "label": label,
+                }
+            )
     return out
 
 
@@ -196,11 +202,16 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                     _timed(worker, callers[primer])
                 with monitor.attribute(f"switched[{i}]"), worker.preserve_state():
                     switched.append(_timed(worker, call))
-            out["shapes"].append({
-                **shape, "first_s": first, "steady_s": statistics.median(steady) if steady else None,
-                "switched_s": statistics.median(switched) if switched else None,
-                "compiles": monitor.compiles(label), "cache_loads": monitor.cache_loads(label),
-            })
+            out["shapes"].append(
+                {
+                    **shape,
+                    "first_s": first,
+                    "steady_s": statistics.median(steady) if steady else None,
+                    "switched_s": statistics.median(switched) if switched else None,
+                    "compiles": monitor.compiles(label),
+                    "cache_loads": monitor.cache_loads(label),
+                }
+            )
         # The same calls after the server sat idle for a moment: a CPU's caches and
         # threads, a GPU's clocks, go cold within ~50 ms, which costs a sub-millisecond
         # call more than being a shape's first call after warmup does. In a pass of their
@@ -219,7 +230,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 # -- in the parent ----------------------------------------------------------------------
 
 
-def _run_child(spec: dict[str, Any], *, timeout_s: float, cache_dir: str | None = None) -> dict[str, Any]:
+def _run_child(
+    spec: dict[str, Any], *, timeout_s: float, cache_dir: str | None = None
+) -> dict[str, Any]:
     """One measurement process; its compile caches in ``cache_dir`` (default: empty, its own)."""
     with tempfile.TemporaryDirectory(prefix="warmplan-bench-") as own:
         tmp = cache_dir or own
@@ -229,11 +242,17 @@ def _run_child(spec: dict[str, Any], *, timeout_s: float, cache_dir: str | None 
         env["PYTHONWARNINGS"] = "ignore"
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-            env=env, capture_output=True, text=True, timeout=timeout_s, check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
         )
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"first_request: a {spec['mode']} measurement failed (exit {proc.returncode})")
+        raise SystemExit(
+            f"first_request: a {spec['mode']} measurement failed (exit {proc.returncode})"
+        )
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
@@ -251,14 +270,18 @@ def _ratio(a: float | None, b: float | None) -> str:
 def _matches(shape: Shape, words: list[str]) -> bool:
     """Whether a WORD is the shape's label or step id, or (ending in ``*``) begins one."""
     names = (shape["label"], shape["step"])
-    return any(n.startswith(w[:-1]) if w.endswith("*") else w in names for w in words for n in names)
+    return any(
+        n.startswith(w[:-1]) if w.endswith("*") else w in names for w in words for n in names
+    )
 
 
 def _progress(line: str) -> None:
     print(f"[first_request {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
-def _warm_runs(base: dict[str, Any], shapes: list[Shape], args: argparse.Namespace) -> tuple[list[dict[str, Any]], float]:
+def _warm_runs(
+    base: dict[str, Any], shapes: list[Shape], args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], float]:
     """``--warm-runs`` warm processes, one after another, sharing one compile-cache
     directory (the first starts it empty, the later ones load from it, as a restarted
     server does). Each shape's first call is the median over the runs (a first call
@@ -267,39 +290,65 @@ def _warm_runs(base: dict[str, Any], shapes: list[Shape], args: argparse.Namespa
     runs = []
     with tempfile.TemporaryDirectory(prefix="warmplan-bench-warm-") as cache_dir:
         for i in range(args.warm_runs):
-            run = _run_child({**base, "mode": "warm", "shapes": shapes}, timeout_s=args.timeout, cache_dir=cache_dir)
-            _progress(f"warm run {i + 1}/{args.warm_runs}: {len(shapes)} shapes measured after a "
-                      f"{run['warmup_s']:.1f}s warmup ({run['warmup_compiles']} compiles)")
+            run = _run_child(
+                {**base, "mode": "warm", "shapes": shapes},
+                timeout_s=args.timeout,
+                cache_dir=cache_dir,
+            )
+            _progress(
+                f"warm run {i + 1}/{args.warm_runs}: {len(shapes)} shapes measured after a "
+                f"{run['warmup_s']:.1f}s warmup ({run['warmup_compiles']} compiles)"
+            )
             for w in run["shapes"]:
-                _progress(f"  warm {w['label']}: first {_ms(w['first_s'])} ms, steady {_ms(w['steady_s'])} ms, "
-                          f"switched {_ms(w.get('switched_s'))} ms, idle {_ms(w.get('idle_s'))} ms, {w['compiles']} compiles")
+                _progress(
+                    f"  warm {w['label']}: first {_ms(w['first_s'])} ms, steady {_ms(w['steady_s'])} ms, "
+                    f"switched {_ms(w.get('switched_s'))} ms, idle {_ms(w.get('idle_s'))} ms, {w['compiles']} compiles"
+                )
             runs.append(run)
     merged = []
     for per_run in zip(*(r["shapes"] for r in runs), strict=True):
+
         def med(key: str, rows: tuple[dict[str, Any], ...] = per_run) -> float | None:
             values = [r[key] for r in rows if r.get(key) is not None]
             return statistics.median(values) if values else None
-        merged.append({
-            **per_run[0], "first_s": med("first_s"), "steady_s": med("steady_s"), "idle_s": med("idle_s"),
-            "switched_s": med("switched_s"),
-            "first_runs_s": [r["first_s"] for r in per_run], "compiles": sum(r["compiles"] for r in per_run),
-        })
+
+        merged.append(
+            {
+                **per_run[0],
+                "first_s": med("first_s"),
+                "steady_s": med("steady_s"),
+                "idle_s": med("idle_s"),
+                "switched_s": med("switched_s"),
+                "first_runs_s": [r["first_s"] for r in per_run],
+                "compiles": sum(r["compiles"] for r in per_run),
+            }
+        )
     return merged, runs[0]["warmup_s"]
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     base = {
-        "plan": str(args.plan), "device": args.device, "model_config": args.model_config,
-        "repeat": args.repeat, "call": args.call, "pause": args.pause, "prime": args.prime,
+        "plan": str(args.plan),
+        "device": args.device,
+        "model_config": args.model_config,
+        "repeat": args.repeat,
+        "call": args.call,
+        "pause": args.pause,
+        "prime": args.prime,
     }
     list_spec = {**base, "mode": "cold", "repeat": 0, "shapes": None, "list_only": True}
     shapes: list[Shape] = _run_child(list_spec, timeout_s=args.timeout)["shapes"]
     if args.only:
         shapes = [s for s in shapes if _matches(s, args.only)]
         if not shapes:
-            raise SystemExit(f"first_request: no shape's label or step id contains any of {args.only}")
+            raise SystemExit(
+                f"first_request: no shape's label or step id contains any of {args.only}"
+            )
     if args.isolate:
-        warm = [_run_child({**base, "mode": "warm", "shapes": [s]}, timeout_s=args.timeout)["shapes"][0] for s in shapes]
+        warm = [
+            _run_child({**base, "mode": "warm", "shapes": [s]}, timeout_s=args.timeout)["shapes"][0]
+            for s in shapes
+        ]
         warmup_s = None
     else:
         warm, warmup_s = _warm_runs(base, shapes, args)
@@ -315,33 +364,63 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for s, w, c in zip(shapes, warm, cold, strict=True):
         steady = w["steady_s"] if w["steady_s"] is not None or c is None else c["steady_s"]
         c = c or {"first_s": None, "compiles": ""}
-        rows.append({
-            "shape": s["label"], "step": s["step"],
-            "cold_ms": _ms(c["first_s"]), "cold_compiles": c["compiles"],
-            "warm_ms": _ms(w["first_s"]), "warm_compiles": w["compiles"],
-            "steady_ms": _ms(steady),
-            "idle_ms": _ms(w.get("idle_s")),
-            "warm/idle": _ratio(w["first_s"], w.get("idle_s")),
-            "switched_ms": _ms(w.get("switched_s")),
-            "warm/switched": _ratio(w["first_s"], w.get("switched_s")),
-            "warm/steady": _ratio(w["first_s"], steady), "cold/steady": _ratio(c["first_s"], steady),
-            "_cold_s": c["first_s"], "_warm_s": w["first_s"], "_steady_s": steady,
-        })
-    return {**base, "warm_runs": 1 if args.isolate else args.warm_runs, "warmup_s": warmup_s, "rows": rows}
+        rows.append(
+            {
+                "shape": s["label"],
+                "step": s["step"],
+                "cold_ms": _ms(c["first_s"]),
+                "cold_compiles": c["compiles"],
+                "warm_ms": _ms(w["first_s"]),
+                "warm_compiles": w["compiles"],
+                "steady_ms": _ms(steady),
+                "idle_ms": _ms(w.get("idle_s")),
+                "warm/idle": _ratio(w["first_s"], w.get("idle_s")),
+                "switched_ms": _ms(w.get("switched_s")),
+                "warm/switched": _ratio(w["first_s"], w.get("switched_s")),
+                "warm/steady": _ratio(w["first_s"], steady),
+                "cold/steady": _ratio(c["first_s"], steady),
+                "_cold_s": c["first_s"],
+                "_warm_s": w["first_s"],
+                "_steady_s": steady,
+            }
+        )
+    return {
+        **base,
+        "warm_runs": 1 if args.isolate else args.warm_runs,
+        "warmup_s": warmup_s,
+        "rows": rows,
+    }
 
 
 COLUMNS = [
-    "shape", "cold_ms", "cold_compiles", "warm_ms", "warm_compiles", "steady_ms", "switched_ms", "idle_ms",
-    "warm/steady", "warm/switched", "warm/idle", "cold/steady",
+    "shape",
+    "cold_ms",
+    "cold_compiles",
+    "warm_ms",
+    "warm_compiles",
+    "steady_ms",
+    "switched_ms",
+    "idle_ms",
+    "warm/steady",
+    "warm/switched",
+    "warm/idle",
+    "cold/steady",
 ]
 
 
 def render(result: dict[str, Any]) -> str:
     cells = [COLUMNS] + [[str(r[c]) for c in COLUMNS] for r in result["rows"]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.rjust(widths[i]) if i else cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in cells]
+    lines = [
+        "  ".join(
+            cell.rjust(widths[i]) if i else cell.ljust(widths[i]) for i, cell in enumerate(row)
+        )
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    head = f"plan {result['plan']} on {result['device']}, steady = median of {result['repeat']} calls"
+    head = (
+        f"plan {result['plan']} on {result['device']}, steady = median of {result['repeat']} calls"
+    )
     if result.get("warm_runs", 1) > 1:
         head += f", warm = median first call of {result['warm_runs']} warm processes"
     if result.get("warmup_s") is not None:
@@ -354,16 +433,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", default=str(ROOT / "plans" / "builtin-smoke.yaml"))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--model-config", metavar="FILE")
-    parser.add_argument("--repeat", type=int, default=20, help="steady-state calls per shape (median)")
-    parser.add_argument("--pause", type=float, default=0.2, help="idle seconds before each 'idle' call (0: none)")
-    parser.add_argument("--call", choices=["execute", "step"], default="execute", help="execute: a serving batch of the shape; step: the step's own call")
-    parser.add_argument("--prime", action=argparse.BooleanOptionalAction, default=True,
-                        help="call another (already measured) shape right before each first call, so that it meets a busy machine as the steady calls do")
-    parser.add_argument("--warm-runs", type=int, default=1, metavar="N", help="warm processes (sharing a compile cache); first calls are their median")
-    parser.add_argument("--isolate", action="store_true", help="one fresh process per shape for the warm measurement too")
-    parser.add_argument("--only", nargs="*", metavar="WORD", help="measure only these shapes: a label ('uniform_decode 8') or step id, or a prefix ending in '*' ('uniform_decode*')")
-    parser.add_argument("--cold-only", nargs="*", metavar="WORD", help="measure the cold first call only for these shapes (same syntax as --only); the others get warm, steady and idle only")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
+    parser.add_argument(
+        "--repeat", type=int, default=20, help="steady-state calls per shape (median)"
+    )
+    parser.add_argument(
+        "--pause", type=float, default=0.2, help="idle seconds before each 'idle' call (0: none)"
+    )
+    parser.add_argument(
+        "--call",
+        choices=["execute", "step"],
+        default="execute",
+        help="execute: a serving batch of the shape; step: the step's own call",
+    )
+    parser.add_argument(
+        "--prime",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="call another (already measured) shape right before each first call, so that it meets a busy machine as the steady calls do",
+    )
+    parser.add_argument(
+        "--warm-runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="warm processes (sharing a compile cache); first calls are their median",
+    )
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="one fresh process per shape for the warm measurement too",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        metavar="WORD",
+        help="measure only these shapes: a label ('uniform_decode 8') or step id, or a prefix ending in '*' ('uniform_decode*')",
+    )
+    parser.add_argument(
+        "--cold-only",
+        nargs="*",
+        metavar="WORD",
+        help="measure the cold first call only for these shapes (same syntax as --only); the others get warm, steady and idle only",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds per measurement process"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the numbers here")
     parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -19,7 +19,9 @@ from tests._paths import ROOT
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("first_request_bench", ROOT / "bench" / "first_request.py")
+    spec = importlib.util.spec_from_file_location(
+        "first_request_bench", ROOT / "bench" / "first_request.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -42,17 +44,28 @@ def test_words_match_labels_step_ids_and_prefixes(bench: ModuleType) -> None:
     assert not bench._matches(decode_1, [])
 
 
-def test_warm_runs_take_the_median_first_call_and_sum_compiles(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_warm_runs_take_the_median_first_call_and_sum_compiles(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
     firsts = iter([[0.010, 0.200], [0.030, 0.100], [0.020, 0.300]])
     cache_dirs: list[str | None] = []
 
-    def fake_child(spec: dict[str, Any], *, timeout_s: float, cache_dir: str | None = None) -> dict[str, Any]:
+    def fake_child(
+        spec: dict[str, Any], *, timeout_s: float, cache_dir: str | None = None
+    ) -> dict[str, Any]:
         cache_dirs.append(cache_dir)
         run = next(firsts)
         return {
-            "warmup_s": 5.0 if len(cache_dirs) == 1 else 1.0, "warmup_compiles": 3,
+            "warmup_s": 5.0 if len(cache_dirs) == 1 else 1.0,
+            "warmup_compiles": 3,
             "shapes": [
-                {**shape(f"s{i}"), "first_s": first, "steady_s": first / 2, "idle_s": None, "compiles": i}
+                {
+                    **shape(f"s{i}"),
+                    "first_s": first,
+                    "steady_s": first / 2,
+                    "idle_s": None,
+                    "compiles": i,
+                }
                 for i, first in enumerate(run)
             ],
         }

@@ -20,10 +20,20 @@ NO_FI = {"enable_flashinfer_autotune": False}
 
 def test_dsv4_calls_in_order() -> None:
     """dsv4 on a Hopper-like worker: the three sparse-MLA shapes, then the slot-mapping fan."""
-    worker = RecordingWorker(max_num_tokens=8192, max_num_batched_tokens=2048, flags=NO_FI, attention_backends=("V4_FLASHMLA_SPARSE",))
+    worker = RecordingWorker(
+        max_num_tokens=8192,
+        max_num_batched_tokens=2048,
+        flags=NO_FI,
+        attention_backends=("V4_FLASHMLA_SPARSE",),
+    )
     run_plan(DSV4, worker)
     mixed = {"shape": "mixed", "num_tokens": 16, "prior_context": 0, "force_attention": True}
-    prefill = {"shape": "single_prefill", "num_tokens": 2048, "prior_context": 0, "force_attention": True}
+    prefill = {
+        "shape": "single_prefill",
+        "num_tokens": 2048,
+        "prior_context": 0,
+        "force_attention": True,
+    }
     second = {**prefill, "prior_context": 2048}
     assert worker.calls_named() == [
         Call("dummy_run", mixed),
@@ -69,7 +79,19 @@ def test_skips_are_reported_with_reasons() -> None:
         "flashinfer-autotune": "gate device_capability: needs >= 9.0, worker has no CUDA capability (cpu)",
     }
     # The three sparse-MLA shapes, then the built-in engine's compile sizes.
-    assert [c.args["num_tokens"] for c in worker.calls_named("dummy_run")] == [16, 512, 512, 1, 2, 4, 8, 32, 64, 128, 256]
+    assert [c.args["num_tokens"] for c in worker.calls_named("dummy_run")] == [
+        16,
+        512,
+        512,
+        1,
+        2,
+        4,
+        8,
+        32,
+        64,
+        128,
+        256,
+    ]
 
 
 @pytest.mark.parametrize(("method", "step_id"), [("slot_mapping", "fan"), ("dummy_run", "run2")])
@@ -138,9 +160,13 @@ def test_report_fields(tmp_path: Path) -> None:
 def _sm120(tmp_path: Path, **kw: object) -> tuple[RecordingWorker, dict[str, object]]:
     backends = {name: FakeBackend(name=name) for name in ("flashinfer_dsv4_decode", "flashinfer")}
     worker = RecordingWorker(
-        max_num_tokens=8, max_num_batched_tokens=2048, device_capability=(12, 0),
-        attention_backends=("V4_FLASHMLA_SPARSE",), flags={"enable_flashinfer_autotune": True},
-        backends=backends, **kw,  # type: ignore[arg-type]
+        max_num_tokens=8,
+        max_num_batched_tokens=2048,
+        device_capability=(12, 0),
+        attention_backends=("V4_FLASHMLA_SPARSE",),
+        flags={"enable_flashinfer_autotune": True},
+        backends=backends,
+        **kw,  # type: ignore[arg-type]
     )
     return worker, backends  # type: ignore[return-value]
 
@@ -152,13 +178,20 @@ def test_autotune_covers_the_step_it_replaces(tmp_path: Path) -> None:
     mixed = {"shape": "mixed", "num_tokens": 16, "prior_context": 0, "force_attention": True}
     runs = [c.args for c in worker.calls_named("dummy_run")]
     assert runs.count(mixed) == 1 and runs[0] == mixed
-    assert report.step("sparse-mla-mixed").skipped == "covered by sparse-mla-decode-autotune, which ran this shape"
+    assert (
+        report.step("sparse-mla-mixed").skipped
+        == "covered by sparse-mla-decode-autotune, which ran this shape"
+    )
     tune = report.step("sparse-mla-decode-autotune").autotune
     assert tune is not None and tune["decision"] == "tune" and tune["fingerprint"]
     assert backends["flashinfer_dsv4_decode"].tuned_count == 1  # type: ignore[attr-defined]
     again = run_plan(DSV4, _sm120(tmp_path)[0], cache_root=str(tmp_path))
     loaded = again.step("sparse-mla-decode-autotune").autotune
-    assert loaded is not None and loaded["decision"] == "load" and loaded["fingerprint"] == tune["fingerprint"]
+    assert (
+        loaded is not None
+        and loaded["decision"] == "load"
+        and loaded["fingerprint"] == tune["fingerprint"]
+    )
 
 
 def test_autotune_step_failure_restores_buffers(tmp_path: Path) -> None:
@@ -167,7 +200,10 @@ def test_autotune_step_failure_restores_buffers(tmp_path: Path) -> None:
     before = copy.deepcopy(worker.buffers)
     with pytest.raises(StepError) as info:
         run_plan(DSV4, worker, cache_root=str(tmp_path))
-    assert str(info.value) == "rank 0, step 'sparse-mla-decode-autotune': tuning raised InjectedFailure: injected failure in dummy_run call 1"
+    assert (
+        str(info.value)
+        == "rank 0, step 'sparse-mla-decode-autotune': tuning raised InjectedFailure: injected failure in dummy_run call 1"
+    )
     assert worker.buffers == before
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 

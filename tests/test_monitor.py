@@ -379,13 +379,23 @@ def _src(n_kind: str = "i32") -> Any:
 def _compile(knobs: Any, *, cache_hit: bool, src: Any = None) -> None:
     """What triton.compile and JITFunction.run do: the listener, then the post-compile hook."""
     knobs.compilation.listener(
-        src=src or _src(), metadata={"name": "_slot_kernel", "hash": "ab" * 32}, metadata_group={},
-        times=_Namespace(total=2500), cache_hit=cache_hit,
+        src=src or _src(),
+        metadata={"name": "_slot_kernel", "hash": "ab" * 32},
+        metadata_group={},
+        times=_Namespace(total=2500),
+        cache_hit=cache_hit,
     )
     hook = knobs.runtime.jit_post_compile_hook
     if hook is not None:
-        hook(key="(('*i64', 'D'), ('i32', ''))", repr="_slot_kernel[...]", fn=_Namespace(name="_slot_kernel"),
-             compile={}, is_manual_warmup=False, already_compiled=False, new_in_3_7=True)
+        hook(
+            key="(('*i64', 'D'), ('i32', ''))",
+            repr="_slot_kernel[...]",
+            fn=_Namespace(name="_slot_kernel"),
+            compile={},
+            is_manual_warmup=False,
+            already_compiled=False,
+            new_in_3_7=True,
+        )
 
 
 def test_triton_listener_records_compiles_and_loads_by_name(fake_triton: Any) -> None:
@@ -396,10 +406,15 @@ def test_triton_listener_records_compiles_and_loads_by_name(fake_triton: Any) ->
         with monitor.attribute("disk"):
             _compile(fake_triton, cache_hit=True)
     assert [(e.kind, e.label, e.cache_hit) for e in monitor.events] == [
-        ("triton", "cold", False), ("triton", "disk", True),
+        ("triton", "cold", False),
+        ("triton", "disk", True),
     ]
     event = monitor.events[0]
-    assert (event.name, event.key, event.duration_s) == ("_slot_kernel", "x_ptr:*i64/16, n:i32, BLOCK=64", 0.0025)
+    assert (event.name, event.key, event.duration_s) == (
+        "_slot_kernel",
+        "x_ptr:*i64/16, n:i32, BLOCK=64",
+        0.0025,
+    )
 
 
 def test_triton_hooks_chain_to_previous_and_restore(fake_triton: Any) -> None:
@@ -450,7 +465,9 @@ def test_triton_error_mode_raises_after_the_hook_not_inside_it(fake_triton: Any)
         _compile(fake_triton, cache_hit=False, src=src)
         returned.append(True)
 
-    expected = "triton kernel '_slot_kernel' key 'x_ptr:\\*i64/16, n=1, BLOCK=64' during 'batch\\[0\\]'"
+    expected = (
+        "triton kernel '_slot_kernel' key 'x_ptr:\\*i64/16, n=1, BLOCK=64' during 'batch\\[0\\]'"
+    )
     with JitMonitor(mode="error") as monitor:
         with pytest.raises(JitCompileError, match=expected), monitor.attribute("batch[0]"):
             launch()
@@ -476,7 +493,8 @@ def test_triton_compiles_inside_torch_compile_fold_into_its_event(
         fn(torch.ones(3))
         _compile(fake_triton, cache_hit=False)  # a launch outside any compile: its own event
     assert [(e.kind, e.name, e.cache_hit) for e in monitor.events] == [
-        ("dynamo", "tiny", False), ("triton", "_slot_kernel", False),
+        ("dynamo", "tiny", False),
+        ("triton", "_slot_kernel", False),
     ]
 
 
@@ -485,7 +503,13 @@ def test_triton_without_listener_counts_from_the_post_compile_hook(fake_triton: 
     del fake_triton.compilation.listener
     with JitMonitor() as monitor, monitor.attribute("b"):
         fake_triton.runtime.jit_post_compile_hook(
-            key="(('*i64', 'D'),)", fn=_Namespace(name="_k"), compile={}, is_manual_warmup=False, already_compiled=False,
+            key="(('*i64', 'D'),)",
+            fn=_Namespace(name="_k"),
+            compile={},
+            is_manual_warmup=False,
+            already_compiled=False,
         )
-    assert [(e.kind, e.name, e.key, e.label) for e in monitor.events] == [("triton", "_k", "(('*i64', 'D'),)", "b")]
+    assert [(e.kind, e.name, e.key, e.label) for e in monitor.events] == [
+        ("triton", "_k", "(('*i64', 'D'),)", "b")
+    ]
     assert fake_triton.runtime.jit_post_compile_hook is None

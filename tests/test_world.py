@@ -78,15 +78,33 @@ def test_world_imports_without_torch() -> None:
 def test_one_failure_wording() -> None:
     """A failed collective names what, the rank, whom it waited for, how long and why."""
     err = collective_failure(
-        "barrier", rank=1, waiting_for="rank 0", timeout_s=3, elapsed=3.04, timed_out=True, cause="gloo: timeout"
+        "barrier",
+        rank=1,
+        waiting_for="rank 0",
+        timeout_s=3,
+        elapsed=3.04,
+        timed_out=True,
+        cause="gloo: timeout",
     )
     assert isinstance(err, WorldTimeout)
-    assert str(err) == "barrier timed out after 3.0s (timeout 3s) on rank 1 waiting for rank 0: gloo: timeout"
+    assert (
+        str(err)
+        == "barrier timed out after 3.0s (timeout 3s) on rank 1 waiting for rank 0: gloo: timeout"
+    )
     err = collective_failure(
-        "all_gather", rank=0, waiting_for="ranks 1, 2", timeout_s=600, elapsed=0.25, timed_out=False, cause="connection closed"
+        "all_gather",
+        rank=0,
+        waiting_for="ranks 1, 2",
+        timeout_s=600,
+        elapsed=0.25,
+        timed_out=False,
+        cause="connection closed",
     )
     assert type(err) is WorldError
-    assert str(err) == "all_gather failed after 0.2s on rank 0 waiting for ranks 1, 2: connection closed"
+    assert (
+        str(err)
+        == "all_gather failed after 0.2s on rank 0 waiting for ranks 1, 2: connection closed"
+    )
 
 
 def test_thread_world_timeout_names_missing_ranks() -> None:
@@ -94,9 +112,14 @@ def test_thread_world_timeout_names_missing_ranks() -> None:
     worlds = ThreadWorld.group(3)
     with pytest.raises(WorldTimeout) as info:
         worlds[0].barrier(timeout_s=0.2)
-    assert str(info.value) == "barrier timed out after 0.2s (timeout 0.2s) on rank 0 waiting for ranks 1, 2"
+    assert (
+        str(info.value)
+        == "barrier timed out after 0.2s (timeout 0.2s) on rank 0 waiting for ranks 1, 2"
+    )
 
 
 def test_all_gather_json_is_typed() -> None:
     """all_gather_json carries structured values, not string prefixes."""
-    assert all_gather_json(LocalWorld(), {"ok": False, "value": "x"}, timeout_s=1) == [{"ok": False, "value": "x"}]
+    assert all_gather_json(LocalWorld(), {"ok": False, "value": "x"}, timeout_s=1) == [
+        {"ok": False, "value": "x"}
+    ]

@@ -28,9 +28,20 @@ def _verify_module() -> object | None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-format", choices=["console", "json"], default="console", help="console (readable) or json (one object a line)")
-    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    parser = argparse.ArgumentParser(prog="warmplan", description="Declarative kernel warmup plans for LLM inference workers.", parents=[common])
+    common.add_argument(
+        "--log-format",
+        choices=["console", "json"],
+        default="console",
+        help="console (readable) or json (one object a line)",
+    )
+    common.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default="info"
+    )
+    parser = argparse.ArgumentParser(
+        prog="warmplan",
+        description="Declarative kernel warmup plans for LLM inference workers.",
+        parents=[common],
+    )
     parser.add_argument("--version", action="version", version=f"warmplan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _Sub.common = common

@@ -121,7 +121,9 @@ def validate_text(schema: Mapping[str, Any], text: str, *, file: str) -> dict[st
     with ``file:line:column``. Returns the mapping."""
     located = read_yaml(text, file=file)
     if not isinstance(located.data, dict):
-        raise PlanError([f"{file}:1:1: (top level): expected a mapping, found {show(located.data)}"])
+        raise PlanError(
+            [f"{file}:1:1: (top level): expected a mapping, found {show(located.data)}"]
+        )
     import jsonschema
 
     report = Report(file, located)
@@ -177,11 +179,7 @@ def _choose_branch(branches: list[Any], inst: Any) -> int | None:
             return i
         if branch.get("type") == "string" and isinstance(inst, str):
             return i
-        if (
-            branch.get("type") == "integer"
-            and isinstance(inst, int)
-            and not isinstance(inst, bool)
-        ):
+        if branch.get("type") == "integer" and isinstance(inst, int) and not isinstance(inst, bool):
             return i
         if (
             branch.get("type") == "number"

@@ -70,7 +70,9 @@ class Report:
         for s in self.steps:
             if s.id == step_id:
                 return s
-        raise KeyError(f"no step {step_id!r} in the report; steps: {', '.join(s.id for s in self.steps)}")
+        raise KeyError(
+            f"no step {step_id!r} in the report; steps: {', '.join(s.id for s in self.steps)}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         steps = []
@@ -93,7 +95,9 @@ class Report:
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write the report as JSON atomically (temp file + rename)."""
         try:
-            atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=False).encode() + b"\n")
+            atomic_write(
+                path, json.dumps(self.to_dict(), indent=2, sort_keys=False).encode() + b"\n"
+            )
         except OSError as exc:
             raise UserError(f"cannot write the report {path}: {exc.strerror or exc}") from None
 
@@ -176,18 +180,34 @@ def run_plan(
     own_monitor = monitor is None
     if monitor is None:
         monitor = _make_monitor()
-    bound = log.bind(plan=plan.name, rank=world.rank) if world.world_size > 1 else log.bind(plan=plan.name)
+    bound = (
+        log.bind(plan=plan.name, rank=world.rank)
+        if world.world_size > 1
+        else log.bind(plan=plan.name)
+    )
     bound.info("plan.start", steps=len(resolved.steps), engine=info.engine, device=info.device)
     done: dict[str, StepReport] = {}
     covered: dict[str, str] = {}
     try:
         if plan.compile_cache.share and world.world_size > 1:
-            report.compile_cache = _share_compile_caches(plan, resolved, worker, monitor, done, covered, bound, progress)
+            report.compile_cache = _share_compile_caches(
+                plan, resolved, worker, monitor, done, covered, bound, progress
+            )
         for index, rstep in enumerate(resolved.steps):
             if rstep.id in done:
                 report.steps.append(done[rstep.id])
                 continue
-            _run_one(index, len(resolved.steps), rstep, worker, monitor, covered, bound, progress, into=report.steps)
+            _run_one(
+                index,
+                len(resolved.steps),
+                rstep,
+                worker,
+                monitor,
+                covered,
+                bound,
+                progress,
+                into=report.steps,
+            )
     except StepError as exc:
         report.failed = str(exc)
         report.duration_s = time.perf_counter() - started
@@ -197,7 +217,13 @@ def run_plan(
         raise
     report.duration_s = time.perf_counter() - started
     totals = report.totals
-    bound.info("plan.done", duration_s=round(report.duration_s, 3), compiles=totals["compiles"], run=totals["steps_run"], skipped=totals["steps_skipped"])
+    bound.info(
+        "plan.done",
+        duration_s=round(report.duration_s, 3),
+        compiles=totals["compiles"],
+        run=totals["steps_run"],
+        skipped=totals["steps_skipped"],
+    )
     if jit_monitor != "off" and hasattr(monitor, "arm"):
         monitor.arm(jit_monitor)
     elif own_monitor:
@@ -249,12 +275,24 @@ def _run_one(
     if entry.skipped is None and rstep.id in covered:
         entry.skipped = f"covered by {covered[rstep.id]}, which ran this shape"
     if entry.skipped is not None:
-        slog.info("step.skip", reason=entry.skipped, requested=list(rstep.requested), applied=list(rstep.applied))
+        slog.info(
+            "step.skip",
+            reason=entry.skipped,
+            requested=list(rstep.requested),
+            applied=list(rstep.applied),
+        )
         if progress:
             progress(index, total, rstep, "skipped")
         return entry
     clamped = {r: a for r, a in zip(rstep.requested, _clamped(rstep), strict=False) if r != a}
-    slog.info("step.start", requested=list(rstep.requested), applied=list(rstep.applied), clamp_to=rstep.clamp_to, limit=rstep.limit, **({"clamped": clamped} if clamped else {}))
+    slog.info(
+        "step.start",
+        requested=list(rstep.requested),
+        applied=list(rstep.applied),
+        clamp_to=rstep.clamp_to,
+        limit=rstep.limit,
+        **({"clamped": clamped} if clamped else {}),
+    )
     if progress:
         progress(index, total, rstep, "start")
     t0 = time.perf_counter()
@@ -267,7 +305,12 @@ def _run_one(
         # it is for (its reason says why); a skip with that reason, not a failure.
         entry.duration_s = time.perf_counter() - t0
         entry.skipped = str(exc)
-        slog.info("step.skip", reason=entry.skipped, requested=list(rstep.requested), applied=list(rstep.applied))
+        slog.info(
+            "step.skip",
+            reason=entry.skipped,
+            requested=list(rstep.requested),
+            applied=list(rstep.applied),
+        )
         if progress:
             progress(index, total, rstep, "skipped")
         return entry
@@ -290,7 +333,12 @@ def _run_one(
         entry.autotune = asdict(result.autotune)
     if result.covers_run and rstep.replaces:
         covered[rstep.replaces] = rstep.id
-    slog.info("step.done", duration_s=round(entry.duration_s, 4), compiles=entry.compiles, **({"autotune": entry.autotune["decision"]} if entry.autotune else {}))
+    slog.info(
+        "step.done",
+        duration_s=round(entry.duration_s, 4),
+        compiles=entry.compiles,
+        **({"autotune": entry.autotune["decision"]} if entry.autotune else {}),
+    )
     if progress:
         progress(index, total, rstep, "done")
     return entry
@@ -329,7 +377,19 @@ def _share_compile_caches(
     def leader_work() -> None:
         ran: list[StepReport] = []
         for index, rstep in leading:
-            done[rstep.id] = _run_one(index, len(resolved.steps), rstep, worker, monitor, covered, bound, progress, into=ran)
+            done[rstep.id] = _run_one(
+                index,
+                len(resolved.steps),
+                rstep,
+                worker,
+                monitor,
+                covered,
+                bound,
+                progress,
+                into=ran,
+            )
 
-    outcome = share_compile_caches(worker.world, leader_work=leader_work, timeout_s=plan.compile_cache.timeout_s, log=bound)
+    outcome = share_compile_caches(
+        worker.world, leader_work=leader_work, timeout_s=plan.compile_cache.timeout_s, log=bound
+    )
     return {"role": outcome.role, "bytes": outcome.bytes, "seconds": round(outcome.seconds, 6)}

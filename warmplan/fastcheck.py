@@ -25,7 +25,10 @@ _TYPES: dict[str, Check] = {
     "string": lambda v: isinstance(v, str),
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+    "integer": lambda v: (
+        (isinstance(v, int) and not isinstance(v, bool))
+        or (isinstance(v, float) and v.is_integer())
+    ),
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
 }
 
@@ -83,8 +86,14 @@ def _discriminator(root: Mapping[str, Any], branches: list[Any]) -> tuple[str, l
         values: list[str] = []
         for b in branches:
             d = _deref(root, b)
-            const = d.get("properties", {}).get(prop, {}).get("const") if isinstance(d, dict) else None
-            if d.get("type") != "object" or prop not in d.get("required", []) or not isinstance(const, str):
+            const = (
+                d.get("properties", {}).get(prop, {}).get("const") if isinstance(d, dict) else None
+            )
+            if (
+                d.get("type") != "object"
+                or prop not in d.get("required", [])
+                or not isinstance(const, str)
+            ):
                 break
             values.append(const)
         else:
@@ -113,11 +122,31 @@ def compile_schema(root: Mapping[str, Any]) -> Check:
         if s is False:
             return lambda v: False
         checks: list[Check] = []
-        unknown = set(s) - _ANNOTATIONS - {
-            "type", "properties", "additionalProperties", "required", "enum", "const", "minimum",
-            "exclusiveMinimum", "maximum", "minItems", "maxItems", "items", "prefixItems", "oneOf",
-            "$ref", "pattern", "uniqueItems", "propertyNames", "minLength",
-        }
+        unknown = (
+            set(s)
+            - _ANNOTATIONS
+            - {
+                "type",
+                "properties",
+                "additionalProperties",
+                "required",
+                "enum",
+                "const",
+                "minimum",
+                "exclusiveMinimum",
+                "maximum",
+                "minItems",
+                "maxItems",
+                "items",
+                "prefixItems",
+                "oneOf",
+                "$ref",
+                "pattern",
+                "uniqueItems",
+                "propertyNames",
+                "minLength",
+            }
+        )
         if unknown:
             raise ValueError(f"fastcheck does not support {sorted(unknown)}")
         if "$ref" in s:
@@ -156,7 +185,12 @@ def compile_schema(root: Mapping[str, Any]) -> Check:
             mx = s["maxItems"]
             checks.append(lambda v: not isinstance(v, list) or len(v) <= mx)
         if s.get("uniqueItems"):
-            checks.append(lambda v: not isinstance(v, list) or all(not _equal(a, b) for i, a in enumerate(v) for b in v[i + 1 :]))
+            checks.append(
+                lambda v: (
+                    not isinstance(v, list)
+                    or all(not _equal(a, b) for i, a in enumerate(v) for b in v[i + 1 :])
+                )
+            )
         prefix = [build(p) for p in s.get("prefixItems", [])]
         if prefix or "items" in s:
             rest = build(s["items"]) if "items" in s else (lambda v: True)
@@ -186,7 +220,11 @@ def compile_schema(root: Mapping[str, Any]) -> Check:
 
                 checks.append(strict)
             else:
-                extra = build(s["additionalProperties"]) if "additionalProperties" in s else (lambda v: True)
+                extra = (
+                    build(s["additionalProperties"])
+                    if "additionalProperties" in s
+                    else (lambda v: True)
+                )
                 names = build(s["propertyNames"]) if "propertyNames" in s else (lambda v: True)
 
                 def obj(v: Any) -> bool:

@@ -13,7 +13,12 @@ from structlog.typing import FilteringBoundLogger
 
 LogFormat = Literal["console", "json"]
 Logger: TypeAlias = FilteringBoundLogger  # what get_logger returns and steps log through
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def configure(fmt: LogFormat = "console", level: str = "info") -> None:
@@ -29,9 +34,7 @@ def configure(fmt: LogFormat = "console", level: str = "info") -> None:
         processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            _LEVELS[level.lower()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.lower()]),
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

@@ -92,9 +92,11 @@ class CompileEvent:
 
     def describe(self) -> str:
         """``triton kernel '_k' key '...' during 'batch[3]'`` - for messages."""
-        what = {"triton": "triton kernel", "dynamo": "torch.compile of", "eager_fallback": (
-            "eager fallback (recompile limit) of"
-        )}[self.kind]
+        what = {
+            "triton": "triton kernel",
+            "dynamo": "torch.compile of",
+            "eager_fallback": ("eager fallback (recompile limit) of"),
+        }[self.kind]
         during = f" during {self.label!r}" if self.label is not None else ""
         return f"{what} {self.name!r} key {self.key!r}{during}"
 
@@ -197,7 +199,8 @@ def _triton_key(src: Any) -> str | None:
         else:
             flags = attrs.get((i,)) or attrs.get(i) or ()
             aligned = any(
-                isinstance(f, list | tuple) and len(f) == 2 and f[0] == "tt.divisibility" for f in flags
+                isinstance(f, list | tuple) and len(f) == 2 and f[0] == "tt.divisibility"
+                for f in flags
             )
             parts.append(f"{param}:{kind}" + ("/16" if aligned else ""))
     return _short(", ".join(parts))
@@ -505,9 +508,7 @@ class JitMonitor:
             return prev(*args, **kwargs)
         return None
 
-    def _on_triton_compile(
-        self, *, src: Any, metadata: Any, times: Any, cache_hit: bool
-    ) -> None:
+    def _on_triton_compile(self, *, src: Any, metadata: Any, times: Any, cache_hit: bool) -> None:
         meta = metadata if isinstance(metadata, Mapping) else {}
         name = str(getattr(src, "name", None) or meta.get("name") or "<triton>")
         key = _triton_key(src)
@@ -529,8 +530,12 @@ class JitMonitor:
                 self._last_listener_event = None
                 return
         event = CompileEvent(
-            kind="triton", name=name, key=key, label=self._label(),
-            cache_hit=cache_hit, duration_s=duration,
+            kind="triton",
+            name=name,
+            key=key,
+            label=self._label(),
+            cache_hit=cache_hit,
+            duration_s=duration,
         )
         index = self._record(event)
         # Only a hash for a key: the post-compile hook that follows has a better one.
@@ -553,7 +558,9 @@ class JitMonitor:
         if key_value is None and isinstance(compile_info, Mapping):
             key_value = compile_info.get("key")
         fn = kwargs.get("fn")
-        name = getattr(fn, "name", None) or getattr(getattr(fn, "jit_function", None), "__name__", None)
+        name = getattr(fn, "name", None) or getattr(
+            getattr(fn, "jit_function", None), "__name__", None
+        )
         if self._listener_active:
             # The listener already recorded this compile (it knows cache_hit); when it
             # had no signature to name the key by, take the hook's specialisation key.
@@ -562,13 +569,20 @@ class JitMonitor:
                 with self._lock:
                     if index < len(self._events):
                         self._events[index] = replace(self._events[index], key=_short(key_value))
-                    if self._pending_error is not None and self._pending_error.event.kind == "triton":
+                    if (
+                        self._pending_error is not None
+                        and self._pending_error.event.kind == "triton"
+                    ):
                         old = self._pending_error
                         self._pending_error = JitCompileError(self._events[index], old.hint)
             return
         event = CompileEvent(
-            kind="triton", name=str(name or "<triton>"), key=_short(key_value or "?"),
-            label=self._label(), cache_hit=False, duration_s=None,
+            kind="triton",
+            name=str(name or "<triton>"),
+            key=_short(key_value or "?"),
+            label=self._label(),
+            cache_hit=False,
+            duration_s=None,
         )
         with self._lock:
             nested = bool(self._dynamo_stack)
@@ -630,8 +644,12 @@ class JitMonitor:
             if key is None:
                 key = f"compile_id={compile_id}"
             pending = _PendingDynamo(
-                start=time.perf_counter(), name=name, key=key, label=self._label(),
-                counters=_snapshot(_dynamo_counters()), trigger=trigger,
+                start=time.perf_counter(),
+                name=name,
+                key=key,
+                label=self._label(),
+                counters=_snapshot(_dynamo_counters()),
+                trigger=trigger,
             )
             with self._lock:
                 self._dynamo_stack.append(pending)
@@ -651,20 +669,31 @@ class JitMonitor:
                 return max(0, now.get((group, name), 0) - pending.counters.get((group, name), 0))
 
             graphs = delta("stats", "unique_graphs")
-            hits = delta("inductor", "fxgraph_cache_hit") + delta("aot_autograd", "autograd_cache_hit")
+            hits = delta("inductor", "fxgraph_cache_hit") + delta(
+                "aot_autograd", "autograd_cache_hit"
+            )
             misses = delta("inductor", "fxgraph_cache_miss") + delta(
                 "aot_autograd", "autograd_cache_miss"
             )
             if (
                 pending.trigger == "DYNAMO"
-                and graphs == 0 and hits == 0 and misses == 0 and pending.nested_compiles == 0
+                and graphs == 0
+                and hits == 0
+                and misses == 0
+                and pending.nested_compiles == 0
             ):
                 return  # dynamo looked at the frame and made no graph: nothing was compiled
             cache_hit = hits > 0 and misses == 0 and pending.nested_compiles == 0
-            self._record(CompileEvent(
-                kind="dynamo", name=pending.name, key=pending.key, label=pending.label,
-                cache_hit=cache_hit, duration_s=duration,
-            ))
+            self._record(
+                CompileEvent(
+                    kind="dynamo",
+                    name=pending.name,
+                    key=pending.key,
+                    label=pending.label,
+                    cache_hit=cache_hit,
+                    duration_s=duration,
+                )
+            )
         except Exception as exc:  # never break a compile
             _log.debug("jit_monitor_hook_failed", error=repr(exc))
 
@@ -673,10 +702,16 @@ class JitMonitor:
             return
         with self._lock:
             self._fallbacks_seen += 1
-        self._record(CompileEvent(
-            kind="eager_fallback", name=name, key=reason, label=self._label(),
-            cache_hit=False, duration_s=None,
-        ))
+        self._record(
+            CompileEvent(
+                kind="eager_fallback",
+                name=name,
+                key=reason,
+                label=self._label(),
+                cache_hit=False,
+                duration_s=None,
+            )
+        )
 
     def _reconcile_fallbacks(self) -> None:
         """Count fallbacks dynamo counted but did not log (its logger set above WARNING)."""
@@ -689,7 +724,13 @@ class JitMonitor:
                 return
             self._fallbacks_seen = counted
         for _ in range(missing):
-            self._record(CompileEvent(
-                kind="eager_fallback", name="<unknown>", key="recompile limit",
-                label=self._label(), cache_hit=False, duration_s=None,
-            ))
+            self._record(
+                CompileEvent(
+                    kind="eager_fallback",
+                    name="<unknown>",
+                    key="recompile limit",
+                    label=self._label(),
+                    cache_hit=False,
+                    duration_s=None,
+                )
+            )

@@ -86,14 +86,20 @@ def gate_failure(gates: Gates, facts: Facts) -> str | None:
             return f"gate device_capability_family: needs {fam}, worker has no CUDA capability ({facts.platform})"
         if not capability_family_matches(cap, fam):
             return f"gate device_capability_family: needs {fam}, worker is {cap[0]}.{cap[1]}"
-    if gates.attention_backend is not None and not set(gates.attention_backend) & set(facts.attention_backends):
+    if gates.attention_backend is not None and not set(gates.attention_backend) & set(
+        facts.attention_backends
+    ):
         have = ", ".join(facts.attention_backends) or "none"
         return f"gate attention_backend: needs any of {', '.join(gates.attention_backend)}, worker has {have}"
     if gates.pooling is not None and facts.pooling != gates.pooling:
         return f"gate pooling: needs {'a' if gates.pooling else 'a non-'}pooling model, worker's is {'' if facts.pooling else 'not '}pooling"
     for name, accepted in gates.flag.items():
         state: bool | str = facts.flags.get(name, "unset")
-        if not any(state is a or state == a for a in accepted if isinstance(a, bool) == isinstance(state, bool)):
+        if not any(
+            state is a or state == a
+            for a in accepted
+            if isinstance(a, bool) == isinstance(state, bool)
+        ):
             want = " or ".join(str(a).lower() for a in accepted)
             return f"gate flag: {name} must be {want}, worker's is {str(state).lower()}"
     return None
@@ -102,7 +108,9 @@ def gate_failure(gates: Gates, facts: Facts) -> str | None:
 # --------------------------------------------------------------------------- resolve
 
 
-def resolve(plan: Plan, limits: Limits, facts: Facts, cache: CacheContext | None = None) -> ResolvedPlan:
+def resolve(
+    plan: Plan, limits: Limits, facts: Facts, cache: CacheContext | None = None
+) -> ResolvedPlan:
     """Expand, clamp, gate and render every step of ``plan`` for one worker; each
     kind resolves its own steps (``warmplan.steps.STEPS``).
 

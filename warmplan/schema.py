@@ -25,8 +25,15 @@ BUILTIN: dict[str, Any] = {
 
 COMPILE_CACHE = obj(
     {
-        "share": {"type": "boolean", "description": "Rank 0 runs the compile-heavy steps first and broadcasts its inductor and Triton caches; the other ranks unpack them before their own steps."},
-        "timeout_s": {"type": "number", "exclusiveMinimum": 0, "description": "How long followers wait for rank 0's caches, in seconds (default 600)."},
+        "share": {
+            "type": "boolean",
+            "description": "Rank 0 runs the compile-heavy steps first and broadcasts its inductor and Triton caches; the other ranks unpack them before their own steps.",
+        },
+        "timeout_s": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "description": "How long followers wait for rank 0's caches, in seconds (default 600).",
+        },
     },
     description="Share compile caches across ranks.",
 )
@@ -43,7 +50,11 @@ def build_schema() -> dict[str, Any]:
         "properties": {
             "$schema": {"type": "string", "description": "Where editors find this schema."},
             "version": {"const": 1, "description": "Plan format version."},
-            "name": {"type": "string", "pattern": ID_PATTERN, "description": "The plan's name, shown in logs and reports."},
+            "name": {
+                "type": "string",
+                "pattern": ID_PATTERN,
+                "description": "The plan's name, shown in logs and reports.",
+            },
             "description": {"type": "string", "description": "What the plan warms up and why."},
             "when": {**GATES, "description": "Gates for the whole plan, all of which must hold."},
             "builtin": BUILTIN,

@@ -71,7 +71,11 @@ class RecordingWorker:
         fail_on: Mapping[str, int] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> None:
-        self._limits = Limits(max_num_tokens=max_num_tokens, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+        self._limits = Limits(
+            max_num_tokens=max_num_tokens,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+        )
         self._facts = Facts(
             platform=platform,
             device_capability=device_capability if platform == "cuda" else None,
@@ -86,7 +90,11 @@ class RecordingWorker:
         self._counts: dict[str, int] = {}
         self._config = dict(config or {"model": "recording", "layers": 1})
         self.calls: list[Call] = []
-        self.buffers: dict[str, list[int]] = {"positions": [0] * 16, "query_start_loc": [0, 0], "slot_mapping": [0] * 16}
+        self.buffers: dict[str, list[int]] = {
+            "positions": [0] * 16,
+            "query_start_loc": [0, 0],
+            "slot_mapping": [0] * 16,
+        }
 
     # -- protocol -----------------------------------------------------------------
     @property
@@ -102,7 +110,11 @@ class RecordingWorker:
         return self._world
 
     def describe(self) -> WorkerInfo:
-        return WorkerInfo(engine="recording", device="none", versions={"torch": None, "triton": None, "flashinfer": None})
+        return WorkerInfo(
+            engine="recording",
+            device="none",
+            versions={"torch": None, "triton": None, "flashinfer": None},
+        )
 
     def config_fingerprint(self) -> Mapping[str, Any]:
         return dict(self._config)
@@ -112,9 +124,26 @@ class RecordingWorker:
         self.calls.append(Call("slot_mapping", {"num_tokens": num_tokens}))
         self._maybe_fail("slot_mapping")
 
-    def dummy_run(self, shape: Shape, num_tokens: int, *, prior_context: int = 0, force_attention: bool = False) -> None:
+    def dummy_run(
+        self,
+        shape: Shape,
+        num_tokens: int,
+        *,
+        prior_context: int = 0,
+        force_attention: bool = False,
+    ) -> None:
         self._touch("dummy_run", num_tokens)
-        self.calls.append(Call("dummy_run", {"shape": shape, "num_tokens": num_tokens, "prior_context": prior_context, "force_attention": force_attention}))
+        self.calls.append(
+            Call(
+                "dummy_run",
+                {
+                    "shape": shape,
+                    "num_tokens": num_tokens,
+                    "prior_context": prior_context,
+                    "force_attention": force_attention,
+                },
+            )
+        )
         self._maybe_fail("dummy_run")
 
     def execute(self, batch: Batch) -> None:
@@ -154,7 +183,9 @@ class RecordingWorker:
             raise InjectedFailure(f"injected failure in {name} call {self._counts[name]}")
 
 
-def run_plan_text(text: str, worker: RecordingWorker | None = None, **worker_kwargs: Any) -> RecordingWorker:
+def run_plan_text(
+    text: str, worker: RecordingWorker | None = None, **worker_kwargs: Any
+) -> RecordingWorker:
     """Run plan YAML ``text`` on a ``RecordingWorker`` (made from ``worker_kwargs``)."""
     from warmplan.executor import run_plan
     from warmplan.plan import parse_plan

@@ -73,7 +73,11 @@ class Located:
                         break
                 else:
                     return node, None
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            elif (
+                isinstance(node, yaml.SequenceNode)
+                and isinstance(part, int)
+                and 0 <= part < len(node.value)
+            ):
                 node, key_node = node.value[part], None
             else:
                 return node, None
@@ -166,9 +170,7 @@ class _Builder:
                     raise YamlError("merge keys ('<<') are not supported in plans", _mark(key_node))
                 key = self.build(key_node, depth + 1)
                 if not isinstance(key, str):
-                    raise YamlError(
-                        f"mapping keys must be strings, found {key!r}", _mark(key_node)
-                    )
+                    raise YamlError(f"mapping keys must be strings, found {key!r}", _mark(key_node))
                 if key in first:
                     raise YamlError(
                         f"duplicate key {key!r} (first at line {_mark(first[key]).line})",

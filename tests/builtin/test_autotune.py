@@ -92,6 +92,9 @@ def test_flashinfer_unavailable_on_cpu_says_why(eager_worker: BuiltinWorker) -> 
     """On a CPU the flashinfer backend exists but says the engine calls no FlashInfer op, and why."""
     backend = eager_worker.autotune_backend("flashinfer")
     assert backend is not None
-    assert backend.unavailable_reason() == "the built-in engine calls no FlashInfer op: FlashInfer GEMMs need CUDA, the engine runs on cpu"
+    assert (
+        backend.unavailable_reason()
+        == "the built-in engine calls no FlashInfer op: FlashInfer GEMMs need CUDA, the engine runs on cpu"
+    )
     with pytest.raises(AutotuneLoadError):
         backend.load(b"{}")

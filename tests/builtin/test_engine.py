@@ -65,7 +65,9 @@ def test_chunk_metadata_variants(compiled: bool) -> None:
     qsl = torch.tensor([0, 3, 8, 0, 0])
     kv_start = torch.tensor([0, 0, 10, 20, 0])
     outs = tuple(torch.full((12,), -1, dtype=torch.int64) for _ in range(4))
-    assert kernels.chunk_metadata(qsl, torch.tensor([9, 9, 0, 0, 0]), kv_start, 2, 8, 2, outs) is False
+    assert (
+        kernels.chunk_metadata(qsl, torch.tensor([9, 9, 0, 0, 0]), kv_start, 2, 8, 2, outs) is False
+    )
     assert outs[0].tolist() == [-1, -1, 0, 1, 2, 0, 1, 2, 3, 4, -1, -1]
     assert outs[1].tolist() == [-1, -1, 2, 2, 2, 3, 3, 3, 3, 3, -1, -1]
     ctx = torch.tensor([9, 9, 4, 0, 0])

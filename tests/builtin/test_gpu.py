@@ -46,7 +46,14 @@ def test_triton_chunk_metadata(gpu_worker: BuiltinWorker, ctx: list[int], req_of
     outs = tuple(torch.full((400,), -1, dtype=torch.int64, device="cuda") for _ in range(4))
     kernels = gpu_worker.runner.kernels
     assert kernels.chunk_metadata(qsl, c, kv, 2, 300, req_offset, outs) is any(ctx)
-    want = chunk_metadata_torch(qsl[:3], c[req_offset : req_offset + 2], kv[req_offset : req_offset + 2], 300, req_offset, any(ctx))
+    want = chunk_metadata_torch(
+        qsl[:3],
+        c[req_offset : req_offset + 2],
+        kv[req_offset : req_offset + 2],
+        300,
+        req_offset,
+        any(ctx),
+    )
     for got, expected in zip(outs, want, strict=True):
         assert torch.equal(got[req_offset : req_offset + 300], expected)
         assert bool((got[:req_offset] == -1).all()) and bool((got[req_offset + 300 :] == -1).all())

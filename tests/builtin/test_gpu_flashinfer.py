@@ -44,7 +44,9 @@ def test_flashinfer_gemm_matches_torch(tiny: Callable[..., dict[str, Any]]) -> N
     assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)
 
 
-def test_flashinfer_autotune_tunes_then_loads(tiny: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+def test_flashinfer_autotune_tunes_then_loads(
+    tiny: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
     """A plan's flashinfer autotune step tunes the engine's mm_bf16 once, then a second run loads it."""
     cfg = {**tiny("dense", device="cuda", dtype="bfloat16"), "gemm_backend": "flashinfer"}
     plan = parse_plan(PLAN)

@@ -187,6 +187,11 @@ def test_torch_world_collectives_and_a_hung_peer(tmp_path: Path) -> None:
     assert results[0].returncode == 0, results[0].stderr[-2000:]
     got = results[0].outcome
     assert got is not None
-    assert (got["none"], got["empty"], got["big_ok"], got["gather"]) == (True, True, True, ["é", "éé"])
+    assert (got["none"], got["empty"], got["big_ok"], got["gather"]) == (
+        True,
+        True,
+        True,
+        ["é", "éé"],
+    )
     assert "barrier timed out after" in str(got["timeout"])
     assert "waiting for rank 1" in str(got["timeout"])

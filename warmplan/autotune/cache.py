@@ -146,5 +146,3 @@ def atomic_write(path: str, data: bytes) -> None:
         fsutil.atomic_write(path, data)
     except OSError as exc:
         raise CacheWriteError(f"cannot write cache file {path}: {exc.strerror or exc}") from exc
-
-

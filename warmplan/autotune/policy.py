@@ -160,12 +160,16 @@ def _unpack(msg: bytes | None) -> tuple[str, str | None, bytes]:
     return str(doc["kind"]), doc.get("reason"), body
 
 
-def _skip_or_fail(ctx: TuneContext, missing: list[int], statuses: list[RankStatus], skip_reason: str) -> AutotuneOutcome:
+def _skip_or_fail(
+    ctx: TuneContext, missing: list[int], statuses: list[RankStatus], skip_reason: str
+) -> AutotuneOutcome:
     """Ranks ``missing`` have no usable cache and will not tune: fail (on_missing=fail)
     or skip, every rank alike; ``skip_reason`` is formatted with ``ranks``, ``reasons``."""
     reasons = "; ".join(f"rank {r}: {statuses[r].value}" for r in missing)
     if ctx.on_missing == "fail":
-        raise ctx.fail(f"no usable autotune cache on {ranks_text(missing)} and on_missing=fail: {reasons}")
+        raise ctx.fail(
+            f"no usable autotune cache on {ranks_text(missing)} and on_missing=fail: {reasons}"
+        )
     ctx.log.warning("autotune.skipped", step=ctx.step_id, reason=reasons)
     return AutotuneOutcome(
         decision="skip",
@@ -249,7 +253,9 @@ def run_leader(ctx: TuneContext) -> AutotuneOutcome:
             raise ctx.fail(f"rank 0 failed while tuning: {rreason}")
         if rkind == "empty":
             ctx.log.warning("autotune.no_results", step=ctx.step_id, reason=rreason)
-            statuses = _gather(ctx, RankStatus(False, run_error) if run_error else OK, "after tuning")
+            statuses = _gather(
+                ctx, RankStatus(False, run_error) if run_error else OK, "after tuning"
+            )
             _check_statuses(ctx, statuses, "the tuning run")
             return AutotuneOutcome(
                 decision="tune", ran_run=True, cache_path=ctx.path, fingerprint=None, reason=rreason
@@ -262,7 +268,9 @@ def run_leader(ctx: TuneContext) -> AutotuneOutcome:
         status = _place_file(ctx, raw, local_leader=False)
     if status.ok:
         read = read_cache(ctx.path, ctx.metadata)
-        status = _load_hit(ctx, read) if isinstance(read, CacheHit) else RankStatus(False, read.reason)
+        status = (
+            _load_hit(ctx, read) if isinstance(read, CacheHit) else RankStatus(False, read.reason)
+        )
     statuses = _gather(ctx, status, "comparing loaded fingerprints")
     _check_statuses(ctx, statuses, "loading the autotune cache")
     prints = [s.value for s in statuses]
@@ -341,14 +349,20 @@ def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
     statuses = _gather(ctx, _hit_or_miss(read), "comparing caches")
     missing = [r for r, s in enumerate(statuses) if not s.ok]
     if missing and ctx.on_missing != "tune":
-        return _skip_or_fail(ctx, missing, statuses, "{ranks} without a usable cache ({reasons}); on_missing=skip")
+        return _skip_or_fail(
+            ctx, missing, statuses, "{ranks} without a usable cache ({reasons}); on_missing=skip"
+        )
     if isinstance(read, CacheHit):
         status = _load_hit(ctx, read)
         if not status.ok:
             raise ctx.fail(status.value)
         ctx.run()
         return AutotuneOutcome(
-            decision="load", ran_run=True, cache_path=ctx.path, fingerprint=status.value, reason=None
+            decision="load",
+            ran_run=True,
+            cache_path=ctx.path,
+            fingerprint=status.value,
+            reason=None,
         )
     ctx.log.info(
         "autotune.decision", step=ctx.step_id, rank=ctx.rank, decision="tune", reason=read.reason
@@ -375,7 +389,11 @@ def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
     if not status.ok:
         raise ctx.fail(status.value)
     return AutotuneOutcome(
-        decision="tune", ran_run=True, cache_path=ctx.path, fingerprint=status.value, reason=read.reason
+        decision="tune",
+        ran_run=True,
+        cache_path=ctx.path,
+        fingerprint=status.value,
+        reason=read.reason,
     )
 
 
@@ -388,7 +406,9 @@ def run_load_only(ctx: TuneContext) -> AutotuneOutcome:
     statuses = _gather(ctx, _hit_or_miss(read), "comparing caches")
     missing = [r for r, s in enumerate(statuses) if not s.ok]
     if missing:
-        return _skip_or_fail(ctx, missing, statuses, "load_only: {ranks} without a usable cache ({reasons})")
+        return _skip_or_fail(
+            ctx, missing, statuses, "load_only: {ranks} without a usable cache ({reasons})"
+        )
     assert isinstance(read, CacheHit)
     statuses = _gather(ctx, _load_hit(ctx, read), "comparing loaded fingerprints")
     _check_statuses(ctx, statuses, "loading the autotune cache")

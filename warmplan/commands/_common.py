@@ -15,9 +15,23 @@ from warmplan.plan import Plan, load_plan
 
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
     """``--worker``, ``--device``, ``--model-config``: which worker runs the plan."""
-    parser.add_argument("--worker", choices=["builtin"], default="builtin", help="the worker to run on (vLLM runs plans through its plugin; see docs/vllm.md)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device for the built-in engine (auto: cuda when available)")
-    parser.add_argument("--model-config", metavar="FILE", help="YAML/JSON mapping merged over the plan's builtin block")
+    parser.add_argument(
+        "--worker",
+        choices=["builtin"],
+        default="builtin",
+        help="the worker to run on (vLLM runs plans through its plugin; see docs/vllm.md)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="device for the built-in engine (auto: cuda when available)",
+    )
+    parser.add_argument(
+        "--model-config",
+        metavar="FILE",
+        help="YAML/JSON mapping merged over the plan's builtin block",
+    )
 
 
 def load_plan_or_exit(path: str) -> Plan:
@@ -51,13 +65,17 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
     try:
         import torch
     except ImportError:
-        raise UserError("warmplan run needs torch: pip install torch (the README pins torch==2.13.0 for CPU machines)") from None
+        raise UserError(
+            "warmplan run needs torch: pip install torch (the README pins torch==2.13.0 for CPU machines)"
+        ) from None
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
     from warmplan.workers.builtin import build_worker
     from warmplan.world import current_world
 
-    source = "the plan's builtin block" + (f" and {args.model_config}" if getattr(args, "model_config", None) else "")
+    source = "the plan's builtin block" + (
+        f" and {args.model_config}" if getattr(args, "model_config", None) else ""
+    )
     try:
         return build_worker(config, device=device, world=current_world())
     except (ValueError, TypeError, KeyError) as exc:
@@ -66,7 +84,9 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A plain, aligned text table (stable for tests and logs)."""
-    cells = [[str(c) for c in columns]] + [["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]
+    cells = [[str(c) for c in columns]] + [
+        ["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = []
     for n, row in enumerate(cells):
@@ -76,7 +96,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     return "\n".join(lines)
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], file: TextIO | None = None) -> None:
+def print_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], file: TextIO | None = None
+) -> None:
     print(format_table(rows, columns), file=file or sys.stdout)
 
 

@@ -40,20 +40,48 @@ def _pair(text: str) -> tuple[str, str]:
 
 
 def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("plan", help="show a plan resolved against given limits and facts, without running it")
+    p = subparsers.add_parser(
+        "plan", help="show a plan resolved against given limits and facts, without running it"
+    )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--max-num-tokens", type=_positive, required=True, metavar="N")
     p.add_argument("--max-num-batched-tokens", type=_positive, required=True, metavar="M")
     p.add_argument("--max-num-seqs", type=_positive, default=256, metavar="S")
     p.add_argument("--platform", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--device-capability", type=_capability, metavar="X.Y", help="CUDA capability, e.g. 9.0")
-    p.add_argument("--attention-backend", action="append", default=[], metavar="NAME", help="an attention backend name the worker has (repeatable)")
+    p.add_argument(
+        "--device-capability", type=_capability, metavar="X.Y", help="CUDA capability, e.g. 9.0"
+    )
+    p.add_argument(
+        "--attention-backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an attention backend name the worker has (repeatable)",
+    )
     p.add_argument("--pooling", action="store_true", help="the model is a pooling model")
-    p.add_argument("--flag", action="append", type=_pair, default=[], metavar="NAME=true|false", help="a worker flag (repeatable)")
-    p.add_argument("--env", action="append", type=_pair, default=[], metavar="K=V", help="set an environment variable for the gates (repeatable)")
+    p.add_argument(
+        "--flag",
+        action="append",
+        type=_pair,
+        default=[],
+        metavar="NAME=true|false",
+        help="a worker flag (repeatable)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        type=_pair,
+        default=[],
+        metavar="K=V",
+        help="set an environment variable for the gates (repeatable)",
+    )
     p.add_argument("--world-size", type=_positive, default=1)
     p.add_argument("--rank", type=_positive, default=0)
-    p.add_argument("--cache-root", metavar="DIR", help="cache root for rendered cache paths (default: $WARMPLAN_CACHE_ROOT or ~/.cache/warmplan)")
+    p.add_argument(
+        "--cache-root",
+        metavar="DIR",
+        help="cache root for rendered cache paths (default: $WARMPLAN_CACHE_ROOT or ~/.cache/warmplan)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=run)
 
@@ -75,16 +103,38 @@ def run(args: argparse.Namespace) -> int:
         flags=flags,
         env={**os.environ, **dict(args.env)},
     )
-    limits = Limits(max_num_tokens=args.max_num_tokens, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
-    cache = CacheContext(cache_root=args.cache_root or default_cache_root(), arch=arch_of(facts), rank=args.rank, world_size=args.world_size)
+    limits = Limits(
+        max_num_tokens=args.max_num_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+    )
+    cache = CacheContext(
+        cache_root=args.cache_root or default_cache_root(),
+        arch=arch_of(facts),
+        rank=args.rank,
+        world_size=args.world_size,
+    )
     resolved = resolve(plan, limits, facts, cache)
     if args.json:
         print_json(resolved.to_dict())
         return 0
     rows = []
     for s in resolved.steps:
-        status = s.skipped or (f"runs unless {s.replaced_by} runs its run" if s.replaced_by else "runs")
-        rows.append({"step": s.id, "kind": s.kind, "tokens": tokens_text(s.requested, s.applied), "clamp": f"{s.clamp_to}={s.limit}", "detail": s.detail().strip(), "status": status})
-    print(f"plan {plan.name} ({plan.path}): {sum(s.skipped is None for s in resolved.steps)} of {len(resolved.steps)} steps run")
+        status = s.skipped or (
+            f"runs unless {s.replaced_by} runs its run" if s.replaced_by else "runs"
+        )
+        rows.append(
+            {
+                "step": s.id,
+                "kind": s.kind,
+                "tokens": tokens_text(s.requested, s.applied),
+                "clamp": f"{s.clamp_to}={s.limit}",
+                "detail": s.detail().strip(),
+                "status": status,
+            }
+        )
+    print(
+        f"plan {plan.name} ({plan.path}): {sum(s.skipped is None for s in resolved.steps)} of {len(resolved.steps)} steps run"
+    )
     print_table(rows, ["step", "kind", "tokens", "clamp", "detail", "status"])
     return 0

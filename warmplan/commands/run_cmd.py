@@ -23,9 +23,22 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("run", help="run a plan on a worker")
     p.add_argument("plan", metavar="PLAN")
     add_worker_options(p)
-    p.add_argument("--report", metavar="FILE", help="write the JSON report here ({rank} is replaced by the rank)")
-    p.add_argument("--jit-monitor", choices=["off", "warn", "error"], default="off", help="keep watching for compilations after the plan")
-    p.add_argument("--cache-root", metavar="DIR", help="autotune cache root (default: $WARMPLAN_CACHE_ROOT or ~/.cache/warmplan)")
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write the JSON report here ({rank} is replaced by the rank)",
+    )
+    p.add_argument(
+        "--jit-monitor",
+        choices=["off", "warn", "error"],
+        default="off",
+        help="keep watching for compilations after the plan",
+    )
+    p.add_argument(
+        "--cache-root",
+        metavar="DIR",
+        help="autotune cache root (default: $WARMPLAN_CACHE_ROOT or ~/.cache/warmplan)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     p.set_defaults(run=run)
 
@@ -43,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
     show = args.log_format == "console" and rank == 0
     with _progress(enabled=show and not args.no_progress and sys.stderr.isatty()) as hook:
         try:
-            report = run_plan(plan, worker, jit_monitor=args.jit_monitor, cache_root=args.cache_root, progress=hook)
+            report = run_plan(
+                plan,
+                worker,
+                jit_monitor=args.jit_monitor,
+                cache_root=args.cache_root,
+                progress=hook,
+            )
         except StepError as exc:
             partial = getattr(exc, "report", None)
             if args.report and partial is not None:
@@ -67,10 +86,25 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
         w = report.worker
-        print(f"plan {plan.name} on {w['engine']} ({w['device']}), rank {w['rank']}/{w['world_size']}")
-        print_table(rows, ["step", "kind", "tokens (requested -> applied)", "time", "compiles", "cache loads", "status"])
+        print(
+            f"plan {plan.name} on {w['engine']} ({w['device']}), rank {w['rank']}/{w['world_size']}"
+        )
+        print_table(
+            rows,
+            [
+                "step",
+                "kind",
+                "tokens (requested -> applied)",
+                "time",
+                "compiles",
+                "cache loads",
+                "status",
+            ],
+        )
         t = report.totals
-        print(f"total {t['duration_s']:.2f}s, {t['compiles']} compiles, {t['cache_loads']} loaded from disk caches, {t['steps_run']} run, {t['steps_skipped']} skipped")
+        print(
+            f"total {t['duration_s']:.2f}s, {t['compiles']} compiles, {t['cache_loads']} loaded from disk caches, {t['steps_run']} run, {t['steps_skipped']} skipped"
+        )
     return 0
 
 
@@ -87,7 +121,13 @@ class _progress:
             return None
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), transient=True)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            transient=True,
+        )
         self.bar.start()
         self.task = self.bar.add_task("warmup", total=None)
 

@@ -16,7 +16,9 @@ def repo_schema_path() -> Path:
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("schema", help="print the plan JSON Schema")
-    p.add_argument("--write", metavar="PATH", help="write the schema to PATH instead of printing it")
+    p.add_argument(
+        "--write", metavar="PATH", help="write the schema to PATH instead of printing it"
+    )
     p.set_defaults(run=run)
 
 

@@ -58,9 +58,7 @@ def read_source(path: str | os.PathLike[str]) -> str:
     except OSError as exc:
         raise PlanError([f"{name}: cannot read: {exc.strerror}"]) from None
     if len(raw) > MAX_PLAN_BYTES:
-        raise PlanError(
-            [f"{name}: {len(raw)} bytes; plans are limited to {MAX_PLAN_BYTES} bytes"]
-        )
+        raise PlanError([f"{name}: {len(raw)} bytes; plans are limited to {MAX_PLAN_BYTES} bytes"])
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

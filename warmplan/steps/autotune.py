@@ -190,9 +190,7 @@ def check(raw: Mapping[str, Any], path: Path, problems: Problems) -> None:
         )
     policy = cache.get("policy", DEFAULT_POLICY)
     if policy == "every_rank" and "{rank}" not in template:
-        problems.add(
-            at, "policy every_rank keeps one file per rank: the path must contain {rank}"
-        )
+        problems.add(at, "policy every_rank keeps one file per rank: the path must contain {rank}")
     if policy == "load_only" and cache.get("on_missing") == "tune":
         problems.add(
             (*path, "cache", "on_missing"),

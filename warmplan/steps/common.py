@@ -142,7 +142,11 @@ GATES: dict[str, Any] = obj(
         },
         "attention_backend": {
             "type": "array",
-            "items": {"type": "string", "minLength": 1, "description": "An attention backend name."},
+            "items": {
+                "type": "string",
+                "minLength": 1,
+                "description": "An attention backend name.",
+            },
             "minItems": 1,
             "description": "Holds when any of the worker's attention backends has one of these names.",
         },
@@ -200,7 +204,9 @@ def build_gates(raw: Mapping[str, Any]) -> Gates:
     env_raw = raw.get("env")
     env_items = [] if env_raw is None else env_raw if isinstance(env_raw, list) else [env_raw]
     env = tuple(
-        EnvGate(name=e) if isinstance(e, str) else EnvGate(name=e["name"], unset=e.get("unset", False))
+        EnvGate(name=e)
+        if isinstance(e, str)
+        else EnvGate(name=e["name"], unset=e.get("unset", False))
         for e in env_items
     )
     platform = raw.get("platform")
@@ -235,7 +241,9 @@ def check_gates(gates: Mapping[str, Any], path: Path, problems: Problems) -> Non
         and not isinstance(cap, bool)
         and not re.fullmatch(r"\d+(\.\d+)?", str(cap))
     ):
-        problems.add((*path, "device_capability"), f"expected major.minor such as 9.0, found {cap!r}")
+        problems.add(
+            (*path, "device_capability"), f"expected major.minor such as 9.0, found {cap!r}"
+        )
 
 
 # --------------------------------------------------------------------------- common step fields

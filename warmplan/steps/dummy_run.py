@@ -28,7 +28,11 @@ from warmplan.workers.base import Shape, Worker
 NAME: Final = "dummy_run"
 
 SCHEMA: dict[str, Any] = obj(
-    {**COMMON_FIELDS, "kind": {"const": NAME, "description": "Run one dummy forward pass."}, **RUN_FIELDS},
+    {
+        **COMMON_FIELDS,
+        "kind": {"const": NAME, "description": "Run one dummy forward pass."},
+        **RUN_FIELDS,
+    },
     required=("id", "kind", "shape", "tokens"),
     description="Run a dummy forward pass of one shape.",
 )

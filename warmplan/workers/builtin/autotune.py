@@ -248,7 +248,10 @@ class UnavailableBackend:
 def flashinfer_backend(runner: ModelRunner) -> Any:
     """FlashInfer's autotuner over the engine's ``mm_bf16`` GEMMs, or why there is none."""
     if not runner.flashinfer_gemm:
-        return UnavailableBackend("flashinfer", f"the built-in engine calls no FlashInfer op: {runner.flashinfer_gemm_reason}")
+        return UnavailableBackend(
+            "flashinfer",
+            f"the built-in engine calls no FlashInfer op: {runner.flashinfer_gemm_reason}",
+        )
     from warmplan.autotune.flashinfer import FlashInferBackend
 
     return FlashInferBackend()

@@ -125,7 +125,9 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f'"dtype" must be one of {", ".join(DTYPES)}: {self.dtype!r}')
         if self.gemm_backend not in GEMM_BACKENDS:
-            raise ValueError(f'"gemm_backend" must be one of {", ".join(GEMM_BACKENDS)}: {self.gemm_backend!r}')
+            raise ValueError(
+                f'"gemm_backend" must be one of {", ".join(GEMM_BACKENDS)}: {self.gemm_backend!r}'
+            )
         if self.device not in DEVICES:
             raise ValueError(f'"device" must be one of {", ".join(DEVICES)}: {self.device!r}')
         for name, (snippet, _) in CONFIG_FIELDS.items():

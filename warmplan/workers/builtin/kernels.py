@@ -299,12 +299,19 @@ class Kernels:
             qsl[num_chunks + 1 :] = qsl[num_chunks]
             tokens = self._token_index
             if tokens is None or tokens.numel() != out[0].numel() or tokens.device != out[0].device:
-                tokens = self._token_index = torch.arange(out[0].numel(), dtype=torch.int64, device=out[0].device)
+                tokens = self._token_index = torch.arange(
+                    out[0].numel(), dtype=torch.int64, device=out[0].device
+                )
             offset = torch.tensor(req_offset, dtype=torch.int64, device=qsl.device)
             results = self._meta(qsl, context_lens, kv_start, tokens, offset, has_prior)
         else:
             results = chunk_metadata_torch(
-                query_start_loc[: num_chunks + 1], context_lens[reqs], kv_start[reqs], num_tokens, req_offset, has_prior
+                query_start_loc[: num_chunks + 1],
+                context_lens[reqs],
+                kv_start[reqs],
+                num_tokens,
+                req_offset,
+                has_prior,
             )
         for dst, src in zip(out, results, strict=True):
             dst[req_offset : req_offset + num_tokens].copy_(src[:num_tokens])

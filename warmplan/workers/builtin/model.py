@@ -110,13 +110,19 @@ class Mlp(nn.Module):
         self.flashinfer = flashinfer
         if flashinfer:
             # [N, K] copies for mm_bf16's column-major operand (same values).
-            self.register_buffer("w_gate_up_nk", self.w_gate_up.detach().t().contiguous(), persistent=False)
-            self.register_buffer("w_down_nk", self.w_down.detach().t().contiguous(), persistent=False)
+            self.register_buffer(
+                "w_gate_up_nk", self.w_gate_up.detach().t().contiguous(), persistent=False
+            )
+            self.register_buffer(
+                "w_down_nk", self.w_down.detach().t().contiguous(), persistent=False
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.flashinfer:
             gate, up = flashinfer_mm_bf16(x, self.w_gate_up_nk).chunk(2, dim=-1)
-            fused: torch.Tensor = flashinfer_mm_bf16(torch.nn.functional.silu(gate) * up, self.w_down_nk)
+            fused: torch.Tensor = flashinfer_mm_bf16(
+                torch.nn.functional.silu(gate) * up, self.w_down_nk
+            )
             return fused
         gate, up = (x @ self.w_gate_up).chunk(2, dim=-1)
         out: torch.Tensor = (torch.nn.functional.silu(gate) * up) @ self.w_down
@@ -233,7 +239,9 @@ class SparseMlaAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: EngineConfig, p: _Params, num_slots: int, *, flashinfer: bool = False) -> None:
+    def __init__(
+        self, cfg: EngineConfig, p: _Params, num_slots: int, *, flashinfer: bool = False
+    ) -> None:
         super().__init__()
         self.norm1 = p.ones(cfg.hidden_size)
         attn_cls = DenseAttention if cfg.preset == "dense" else SparseMlaAttention
@@ -275,7 +283,8 @@ class Decoder(nn.Module):
         p = _Params(cfg.seed, dtype, device)
         self.embed = p(cfg.vocab_size, cfg.hidden_size, fan_in=1)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, p, num_slots, flashinfer=flashinfer_gemm) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, p, num_slots, flashinfer=flashinfer_gemm)
+            for _ in range(cfg.num_layers)
         )
         self.norm = p.ones(cfg.hidden_size)
         self.lm_head = p(cfg.hidden_size, cfg.vocab_size)

@@ -134,7 +134,7 @@ class ModelRunner:
             device=self.device,
             dtype=self.dtype,
             num_slots=self.num_slots,
-            flashinfer_gemm=self.flashinfer_gemm
+            flashinfer_gemm=self.flashinfer_gemm,
         ).eval()
         self.pool = BlockPool(cfg.num_blocks, cfg.block_size)
         self.compiled = compile
