@@ -113,7 +113,7 @@ def test_every_problem_of_a_file_at_once() -> None:
         "p.yaml:12:13: steps[2].tokens: expected an integer >= 0, found -1",
         "p.yaml:13:9: steps[3].id: duplicate step id 'one' (first used by steps[0])",
         "p.yaml:15:22: steps[3].tokens[0].range: expected first <= last, found [5, 2]",
-        "p.yaml:15:31: steps[3].tokens[1]: expected an integer >= 0 or {range: [first, last]} or {powers_of_two: [first, last]}, found 'x'",
+        "p.yaml:15:31: steps[3].tokens[1]: expected an integer from 0 to 16777216 or {range: [first, last]} or {powers_of_two: [first, last]}, found 'x'",
         "p.yaml:15:53: steps[3].tokens[2].powers_of_two[0]: expected a power of two, found 3",
     ]
 
@@ -135,7 +135,7 @@ def test_autotune_problems() -> None:
         "    replaces: tune\n"
     )
     assert problems(text) == [
-        "p.yaml:7:33: steps[0].run.tokens: expected an integer >= 0 or one of max_num_tokens, max_num_batched_tokens, max_num_seqs, found 'max_num_batched_tokns'",
+        "p.yaml:7:33: steps[0].run.tokens: expected an integer from 0 to 16777216 or one of max_num_tokens, max_num_batched_tokens, max_num_seqs, found 'max_num_batched_tokns'",
         "p.yaml:8:19: steps[0].cache.path: unknown placeholder {nope}; expected any of {cache_root}, {backend}, {backend_version}, {arch}, {config_hash}, {rank}",
         "p.yaml:8:19: steps[0].cache.path: policy every_rank keeps one file per rank: the path must contain {rank}",
         "p.yaml:9:15: steps[0].replaces: no step with id 'later' (did you mean 'loader'?)",
@@ -219,7 +219,7 @@ def test_replaces_must_name_a_dummy_run() -> None:
         ),
         (
             HEAD + "  - {id: a, kind: dummy_run, shape: mixed, tokens: 1, prior_context: lots}\n",
-            "p.yaml:4:70: steps[0].prior_context: expected an integer >= 0 or 'same', found 'lots'",
+            "p.yaml:4:70: steps[0].prior_context: expected an integer from 0 to 16777216 or 'same', found 'lots'",
         ),
         (HEAD + "  - 7\n", "p.yaml:4:5: steps[0]: expected a step mapping, found 7"),
         (

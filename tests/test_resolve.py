@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -198,18 +200,24 @@ def test_config_hash_tracks_what_changes_tuning() -> None:
     )
 
 
-def test_cache_path_cannot_escape_root() -> None:
-    """A template that climbs out of the cache root is an error naming the step."""
+def test_cache_path_cannot_escape_root_through_a_symlink(tmp_path: Path) -> None:
+    """A symlinked directory under the cache root (probe D10) is an error naming the
+    step: lexically inside is not enough."""
     plan = parse_plan(
-        "version: 1\nname: t\nsteps:\n  - {id: a, kind: autotune, backend: builtin, run: {shape: plain, tokens: 64}, cache: {path: '{cache_root}/../../etc/x'}}\n",
+        "version: 1\nname: t\nsteps:\n  - {id: a, kind: autotune, backend: builtin, run: {shape: plain, tokens: 64}, cache: {path: '{cache_root}/autotune/x.json'}}\n",
         file="t.yaml",
         path="t.yaml",
     )
+    (tmp_path / "root").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "root" / "autotune").symlink_to(tmp_path / "outside")
     with pytest.raises(PlanError) as info:
-        resolve(plan, limits(), cuda(), CacheContext(cache_root="/cache/wp"))
+        resolve(plan, limits(), cuda(), CacheContext(cache_root=str(tmp_path / "root")))
     assert info.value.problems == [
-        "t.yaml:4: steps[0].cache.path: renders to /etc/x, outside the cache root /cache/wp"
+        f"t.yaml:4: steps[0].cache.path: renders to {tmp_path}/root/autotune/x.json, which "
+        f"resolves to {tmp_path}/outside/x.json through a symbolic link, outside the cache root {tmp_path}/root"
     ]
+    assert list((tmp_path / "outside").iterdir()) == []
 
 
 def test_placeholder_values_cannot_add_path_segments() -> None:

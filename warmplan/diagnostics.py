@@ -25,7 +25,7 @@ Path = tuple[str | int, ...]
 # What a pattern means, in words (the schema's patterns, keyed by the pattern itself).
 PATTERN_WORDS: dict[str, str] = {
     "^[a-z0-9][a-z0-9_.-]*$": "an id of lower-case letters, digits, '-', '_' or '.'",
-    "^[0-9]+\\.[0-9]+$": "major.minor such as '9.0'",
+    "^[0-9]{1,4}\\.[0-9]{1,4}$": "major.minor such as '9.0'",
 }
 
 _TYPE_WORDS = {
@@ -66,7 +66,10 @@ def show(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value)
+    text = repr(value)
+    if len(text) > 80:  # a runaway value: its ends and its length say enough
+        text = f"{text[:40]}...{text[-20:]} ({len(str(value))} characters)"
+    return text
 
 
 def yaml_error(file: str, exc: YamlError) -> PlanError:
@@ -156,7 +159,9 @@ def expected_of(schema: Mapping[str, Any]) -> str:
         key = schema["required"][0]
         return f"{{{key}: [first, last]}}"
     word = _TYPE_WORDS.get(str(kind), str(kind))
-    if kind in ("integer", "number") and "minimum" in schema:
+    if kind in ("integer", "number") and "minimum" in schema and "maximum" in schema:
+        word += f" from {schema['minimum']} to {schema['maximum']}"
+    elif kind in ("integer", "number") and "minimum" in schema:
         word += f" >= {schema['minimum']}"
     return word
 

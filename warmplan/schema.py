@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from warmplan.steps import STEP_KINDS, STEPS
-from warmplan.steps.common import GATES, ID_PATTERN, obj
+from warmplan.steps.common import GATES, ID_PATTERN, obj, timeout
 from warmplan.workers.builtin.config import config_json_schema
 
 SCHEMA_ID = "https://warmplan.dev/schemas/plan.schema.json"
@@ -29,11 +29,9 @@ COMPILE_CACHE = obj(
             "type": "boolean",
             "description": "Rank 0 runs the compile-heavy steps first and broadcasts its inductor and Triton caches; the other ranks unpack them before their own steps.",
         },
-        "timeout_s": {
-            "type": "number",
-            "exclusiveMinimum": 0,
-            "description": "How long followers wait for rank 0's caches, in seconds (default 600).",
-        },
+        "timeout_s": timeout(
+            "How long followers wait for rank 0's caches, in seconds (default 600)."
+        ),
     },
     description="Share compile caches across ranks.",
 )

@@ -22,6 +22,9 @@ Path = tuple[str | int, ...]
 # an alias bomb, not a plan.
 MAX_NODES = 200_000
 MAX_DEPTH = 64
+# Python refuses to turn more than 4300 digits into an int (CVE-2020-10735); no count
+# in a plan needs more than a few, so anything longer is an error with its position.
+MAX_INT_CHARS = 64
 
 _STANDARD_TAGS = {
     "tag:yaml.org,2002:str",
@@ -145,6 +148,12 @@ class _Builder:
             # The common cases first, without the constructor's bookkeeping.
             if tag == _STR:
                 return node.value
+            if tag == _INT and len(node.value) > MAX_INT_CHARS:
+                raise YamlError(
+                    f"an integer of {len(node.value)} characters; "
+                    f"plans hold integers of at most {MAX_INT_CHARS}",
+                    _mark(node),
+                )
             if tag == _INT and _DECIMAL.fullmatch(node.value):
                 return int(node.value)
         if self.nodes > MAX_NODES:

@@ -7,12 +7,13 @@ is reported at once: each looks only at values of the right shape.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from warmplan.diagnostics import did_you_mean
 from warmplan.steps import STEPS
-from warmplan.steps.common import Problems, check_gates
+from warmplan.steps.common import Path, Problems, check_gates
 
 
 def check_plan(data: Mapping[str, Any], problems: Problems) -> None:
@@ -43,6 +44,20 @@ def check_plan(data: Mapping[str, Any], problems: Problems) -> None:
             kind.check(step, ("steps", i), problems)
     if isinstance(data.get("when"), dict):
         check_gates(data["when"], ("when",), problems)
+    _check_nan(data, (), problems)
+
+
+def _check_nan(value: Any, path: Path, problems: Problems) -> None:
+    """``.nan`` passes every bound (each comparison with it is false), so it is
+    refused wherever it appears: no field of a plan means "not a number"."""
+    if isinstance(value, float) and math.isnan(value):
+        problems.add(path, "expected a number, found nan")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_nan(item, (*path, key), problems)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_nan(item, (*path, i), problems)
 
 
 def _check_replaces(

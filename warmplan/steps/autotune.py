@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -54,6 +55,7 @@ from warmplan.steps.common import (
     RunSpec,
     build_run,
     obj,
+    timeout,
 )
 from warmplan.steps.dummy_run import ResolvedRun, requested_of, run_fields
 from warmplan.workers.base import AutotuneBackend, Worker
@@ -92,11 +94,9 @@ CACHE: dict[str, Any] = obj(
             "enum": list(ON_MISSING),
             "description": "When no usable cache file exists: tune (default; not with load_only), skip with a warning, or fail.",
         },
-        "timeout_s": {
-            "type": "number",
-            "exclusiveMinimum": 0,
-            "description": "How long ranks wait for each other in this step, in seconds (default 600).",
-        },
+        "timeout_s": timeout(
+            "How long ranks wait for each other in this step, in seconds (default 600)."
+        ),
     },
     description="The persistent tuning cache and how ranks share it.",
 )
@@ -164,6 +164,32 @@ def build(raw: Mapping[str, Any], common: StepFields) -> AutotuneStep:
 
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def template_problems(template: str) -> list[str]:
+    """What makes a cache path template unusable on any worker, decided without one:
+    braces that do not pair, control characters (NUL, newlines, escapes), ``..``
+    segments (which can leave the cache root) and the bare root."""
+    out = []
+    try:
+        list(string.Formatter().parse(template))
+    except ValueError:
+        out.append(
+            f"expected {{placeholder}} braces in pairs, found {template!r}; write a literal brace as {{{{ or }}}}"
+        )
+    control = _CONTROL.search(template)
+    if control is not None:
+        out.append(
+            f"expected printable characters, found {control.group()!r} at offset {control.start()}"
+        )
+    if ".." in re.split(r"[/\\]", template):
+        out.append(
+            f"expected no '..' segments, found {template!r}; cache files stay inside the cache root"
+        )
+    if re.fullmatch(r"\{cache_root\}[/\\.]*", template):
+        out.append(f"expected a file under {{cache_root}}, found the root itself: {template!r}")
+    return out
 
 
 def check(raw: Mapping[str, Any], path: Path, problems: Problems) -> None:
@@ -176,6 +202,8 @@ def check(raw: Mapping[str, Any], path: Path, problems: Problems) -> None:
     if not isinstance(template, str):
         return
     at = (*path, "cache", "path")
+    for problem in template_problems(template):
+        problems.add(at, problem)
     for name in _PLACEHOLDER.findall(template):
         if name not in PLACEHOLDERS:
             expected = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
@@ -266,9 +294,23 @@ def render_cache_path(template: str, values: Mapping[str, str], cache_root: str)
     root = os.path.normpath(os.path.abspath(os.path.expanduser(cache_root)))
     parts = {k: (root if k == "cache_root" else _safe_part(v)) for k, v in values.items()}
     parts.setdefault("cache_root", root)
+    problems = template_problems(template)
+    if problems:
+        raise ValueError(problems[0])
     rendered = os.path.normpath(template.format_map(parts))
-    if os.path.commonpath([root, rendered]) != root or rendered == root:
+    if rendered == root:
+        raise ValueError(f"renders to the cache root {root} itself, not a file under it")
+    if os.path.commonpath([root, rendered]) != root:
         raise ValueError(f"renders to {rendered}, outside the cache root {root}")
+    # Lexically inside is not enough: a symlinked directory under the root would send
+    # the write elsewhere. Existing components must resolve inside the resolved root.
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(rendered)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise ValueError(
+            f"renders to {rendered}, which resolves to {real} through a symbolic link, "
+            f"outside the cache root {real_root}"
+        )
     return rendered
 
 

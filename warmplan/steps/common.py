@@ -17,6 +17,11 @@ from warmplan.workers.base import LIMIT_NAMES, SHAPES, Shape
 Path = tuple[str | int, ...]
 
 ID_PATTERN: Final = "^[a-z0-9][a-z0-9_.-]*$"
+# Bounds that hold on any worker. A token count or context above 2**24 is a typo, not
+# a batch (the longest context windows are a few million tokens), and would have a
+# plan build lists of that size; a wait longer than a day is a hang.
+MAX_TOKENS: Final = 1 << 24
+MAX_TIMEOUT_S: Final = 86400
 DEFAULT_RUN_CLAMP: Final = "max_num_batched_tokens"
 PLATFORMS: Final = ("cuda", "cpu")
 
@@ -46,14 +51,29 @@ def obj(
     return out
 
 
+def count(description: str, *, minimum: int = 0, maximum: int = MAX_TOKENS) -> dict[str, Any]:
+    """An integer count within ``[minimum, maximum]``."""
+    return {"type": "integer", "minimum": minimum, "maximum": maximum, "description": description}
+
+
+def timeout(description: str) -> dict[str, Any]:
+    """A wait in seconds: more than 0, at most a day (so never infinite)."""
+    return {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": MAX_TIMEOUT_S,
+        "description": description,
+    }
+
+
 def pair(description: str, *, minimum: int = 1) -> dict[str, Any]:
     """``[first, last]``: exactly two integers."""
     return {
         "type": "array",
         "description": description,
         "prefixItems": [
-            {"type": "integer", "minimum": minimum, "description": "first value (inclusive)"},
-            {"type": "integer", "minimum": minimum, "description": "last value (inclusive)"},
+            count("first value (inclusive)", minimum=minimum),
+            count("last value (inclusive)", minimum=minimum),
         ],
         "items": False,
         "minItems": 2,
@@ -129,15 +149,21 @@ GATES: dict[str, Any] = obj(
             "oneOf": [
                 {
                     "type": "string",
-                    "pattern": "^[0-9]+\\.[0-9]+$",
+                    "pattern": "^[0-9]{1,4}\\.[0-9]{1,4}$",
                     "description": "As a string, e.g. '9.0'.",
                 },
-                {"type": "number", "minimum": 0, "description": "As a number, e.g. 9.0."},
+                {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": 9999,
+                    "description": "As a number, e.g. 9.0.",
+                },
             ],
         },
         "device_capability_family": {
             "type": "integer",
             "minimum": 10,
+            "maximum": 99990,
             "description": "CUDA capability family as major*10 (120 = SM12x): holds when the device's major version is family // 10.",
         },
         "attention_backend": {
@@ -278,7 +304,7 @@ def clamp_to(default: str, what: str = "tokens are") -> dict[str, Any]:
 _TOKENS_ONE: dict[str, Any] = {
     "description": "A token count, or the name of one of the worker's limits.",
     "oneOf": [
-        {"type": "integer", "minimum": 0, "description": "A token count."},
+        count("A token count."),
         {"enum": list(LIMIT_NAMES), "description": "The value of this limit of the worker."},
     ],
 }
@@ -292,7 +318,7 @@ RUN_FIELDS: dict[str, Any] = {
     "prior_context": {
         "description": "Tokens already in the KV cache before this chunk (a second prefill chunk): a count, or 'same' for as many as the applied tokens.",
         "oneOf": [
-            {"type": "integer", "minimum": 0, "description": "A count of cached tokens."},
+            count("A count of cached tokens."),
             {"const": "same", "description": "As many as the step's applied tokens."},
         ],
     },

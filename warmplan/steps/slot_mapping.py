@@ -22,16 +22,29 @@ from warmplan.steps.base import (
     StepResult,
     StepSpec,
 )
-from warmplan.steps.common import COMMON_FIELDS, Path, Problems, clamp_to, obj, pair
+from warmplan.steps.common import (
+    COMMON_FIELDS,
+    MAX_TOKENS,
+    Path,
+    Problems,
+    clamp_to,
+    count,
+    obj,
+    pair,
+)
 from warmplan.workers.base import Worker
 
 NAME: Final = "slot_mapping"
 DEFAULT_CLAMP: Final = "max_num_tokens"
+# The kernel specialises by class of count (== 1, % 16 == 0, other), so a few dozen
+# counts cover it; a list that expands past this is a typo, and would be built, logged
+# and reported count by count.
+MAX_COUNTS: Final = 65536
 
 _TOKEN_ITEM: dict[str, Any] = {
     "description": "A token count, or an expansion into several.",
     "oneOf": [
-        {"type": "integer", "minimum": 0, "description": "One token count."},
+        count("One token count."),
         obj(
             {"range": pair("Every count from the first to the last, inclusive.")},
             required=("range",),
@@ -128,9 +141,12 @@ def build(raw: Mapping[str, Any], common: StepFields) -> SlotMappingStep:
 
 
 def check(raw: Mapping[str, Any], path: Path, problems: Problems) -> None:
-    """Expansions: first <= last; powers_of_two bounds are powers of two."""
+    """Expansions: first <= last; powers_of_two bounds are powers of two; the whole
+    list expands to at most ``MAX_COUNTS`` counts."""
     tokens = raw.get("tokens")
+    total = 0
     for j, item in enumerate(tokens if isinstance(tokens, list) else []):
+        total += 1
         if not (isinstance(item, dict) and len(item) == 1):
             continue
         ((key, bounds),) = item.items()
@@ -141,12 +157,20 @@ def check(raw: Mapping[str, Any], path: Path, problems: Problems) -> None:
         lo, hi = bounds
         if lo > hi:
             problems.add((*path, "tokens", j, key), f"expected first <= last, found [{lo}, {hi}]")
+        elif key == "range" and hi <= MAX_TOKENS:
+            total += hi - lo
         if key == "powers_of_two":
             for k, n in enumerate((lo, hi)):
                 if n & (n - 1):
                     problems.add(
                         (*path, "tokens", j, key, k), f"expected a power of two, found {n}"
                     )
+    if total > MAX_COUNTS:
+        problems.add(
+            (*path, "tokens"),
+            f"expected at most {MAX_COUNTS} token counts in all, found {total}; "
+            "the kernel specialises by class of count (== 1, % 16 == 0, other), so a few cover it",
+        )
 
 
 def resolve(step: SlotMappingStep, ctx: ResolveContext) -> ResolvedStep:
