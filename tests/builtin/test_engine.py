@@ -226,7 +226,7 @@ def test_config_rejects_unknown_keys() -> None:
         ({"preset": "moe"}, '"preset" must be one of dense, sparse-mla'),
         ({"num_layers": 0}, '"num_layers" must be >= 1: 0'),
         ({"num_heads": 3}, '"num_heads" \\(3\\) must be a multiple'),
-        ({"compile_sizes": [0]}, '"compile_sizes" must be positive'),
+        ({"compile_sizes": [0]}, '"compile_sizes" must be integers from 1 to 16777216'),
         ({"dtype": "int8"}, '"dtype" must be one of'),
     ],
 )

@@ -22,51 +22,63 @@ DTYPES: Final[tuple[str, ...]] = ("auto", "float32", "bfloat16", "float16")
 DEVICES: Final[tuple[str, ...]] = ("auto", "cpu", "cuda")
 GEMM_BACKENDS: Final[tuple[str, ...]] = ("auto", "torch", "flashinfer")
 
-_POS_INT: Final[dict[str, Any]] = {"type": "integer", "minimum": 1}
+
+def _pos_int(maximum: int) -> dict[str, Any]:
+    """A positive integer up to ``maximum``: bounds far above any model this engine
+    stands in for, so that a typo fails validation instead of allocating."""
+    return {"type": "integer", "minimum": 1, "maximum": maximum}
+
+
+_WIDTH: Final = _pos_int(1 << 16)  # widths and per-head sizes
+_HEADS: Final = _pos_int(1024)
+_TOKENS: Final = _pos_int(1 << 24)  # token counts, as a plan's (warmplan.steps.common)
 
 CONFIG_FIELDS: Final[dict[str, tuple[dict[str, Any], str]]] = {
     "preset": (
         {"enum": list(PRESETS)},
         "Model family: dense GQA paged attention or DeepSeek-style sparse MLA.",
     ),
-    "num_layers": (_POS_INT, "Number of decoder layers."),
-    "hidden_size": (_POS_INT, "Model (residual stream) width."),
-    "num_heads": (_POS_INT, "Attention query heads."),
-    "num_kv_heads": (_POS_INT, "Key/value heads (dense preset; must divide num_heads)."),
-    "head_dim": (_POS_INT, "Per-head width of queries and values (even, for RoPE)."),
-    "intermediate_size": (_POS_INT, "MLP hidden width."),
-    "vocab_size": (_POS_INT, "Vocabulary size."),
+    "num_layers": (_pos_int(1024), "Number of decoder layers."),
+    "hidden_size": (_WIDTH, "Model (residual stream) width."),
+    "num_heads": (_HEADS, "Attention query heads."),
+    "num_kv_heads": (_HEADS, "Key/value heads (dense preset; must divide num_heads)."),
+    "head_dim": (_pos_int(1024), "Per-head width of queries and values (even, for RoPE)."),
+    "intermediate_size": (_pos_int(1 << 18), "MLP hidden width."),
+    "vocab_size": (_pos_int(1 << 20), "Vocabulary size."),
     "dtype": (
         {"enum": list(DTYPES)},
         "Weight/activation dtype; auto = float32 on CPU, bfloat16 on CUDA.",
     ),
     "device": ({"enum": list(DEVICES)}, "Where the engine runs; auto = cuda when available."),
-    "block_size": (_POS_INT, "Tokens per KV-cache block."),
+    "block_size": (_pos_int(1024), "Tokens per KV-cache block."),
     "num_blocks": (
-        _POS_INT,
+        _TOKENS,
         "KV-cache blocks in the pool (block 0 is the null block padding writes to).",
     ),
-    "max_model_len": (_POS_INT, "Longest sequence (context + new tokens) a request may have."),
+    "max_model_len": (_TOKENS, "Longest sequence (context + new tokens) a request may have."),
     "max_num_tokens": (
-        _POS_INT,
+        _TOKENS,
         "Most tokens in one forward pass (slot-mapping warmup clamps to it).",
     ),
-    "max_num_batched_tokens": (_POS_INT, "Most tokens the scheduler batches in one step."),
-    "max_num_seqs": (_POS_INT, "Most requests in one step."),
+    "max_num_batched_tokens": (_TOKENS, "Most tokens the scheduler batches in one step."),
+    "max_num_seqs": (_pos_int(1 << 16), "Most requests in one step."),
     "compile_sizes": (
-        {"type": "array", "items": _POS_INT, "uniqueItems": True},
+        {"type": "array", "items": _TOKENS, "maxItems": 1024, "uniqueItems": True},
         "Static-shape graph sizes; a batch is padded up to the next one, larger batches use the dynamic graph.",
     ),
-    "seed": ({"type": "integer", "minimum": 0}, "Seed the weights are drawn from (no downloads)."),
+    "seed": (
+        {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1},
+        "Seed the weights are drawn from (no downloads).",
+    ),
     "gemm_backend": (
         {"enum": list(GEMM_BACKENDS)},
         "MLP matrix products: torch, or FlashInfer's mm_bf16 (cuBLASLt, autotunable; CUDA and bfloat16 only); auto = flashinfer where it can run.",
     ),
-    "kv_lora_rank": (_POS_INT, "sparse-mla: width of the compressed latent KV cached per token."),
-    "qk_rope_head_dim": (_POS_INT, "sparse-mla: rotary part of each query/key (even)."),
-    "index_topk": (_POS_INT, "sparse-mla: cached tokens the indexer keeps per query."),
-    "index_head_dim": (_POS_INT, "sparse-mla: width of the indexer's keys and queries."),
-    "index_num_heads": (_POS_INT, "sparse-mla: indexer heads whose weighted scores are summed."),
+    "kv_lora_rank": (_WIDTH, "sparse-mla: width of the compressed latent KV cached per token."),
+    "qk_rope_head_dim": (_pos_int(1024), "sparse-mla: rotary part of each query/key (even)."),
+    "index_topk": (_TOKENS, "sparse-mla: cached tokens the indexer keeps per query."),
+    "index_head_dim": (_pos_int(1024), "sparse-mla: width of the indexer's keys and queries."),
+    "index_num_heads": (_HEADS, "sparse-mla: indexer heads whose weighted scores are summed."),
 }
 
 CONFIG_KEYS: Final[dict[str, str]] = {key: desc for key, (_, desc) in CONFIG_FIELDS.items()}
@@ -137,11 +149,14 @@ class EngineConfig:
                     raise ValueError(f'"{name}" must be an integer: {value!r}')
                 if value < snippet["minimum"]:
                     raise ValueError(f'"{name}" must be >= {snippet["minimum"]}: {value}')
+                if value > snippet["maximum"]:
+                    raise ValueError(f'"{name}" must be <= {snippet["maximum"]}: {value}')
         sizes = self.compile_sizes
+        most = _TOKENS["maximum"]
         if not isinstance(sizes, tuple) or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes
+            isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= most for s in sizes
         ):
-            raise ValueError(f'"compile_sizes" must be positive integers: {sizes!r}')
+            raise ValueError(f'"compile_sizes" must be integers from 1 to {most}: {sizes!r}')
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f'"num_heads" ({self.num_heads}) must be a multiple of "num_kv_heads": {self.num_kv_heads}'
@@ -201,3 +216,121 @@ class EngineConfig:
         from warmplan.workers.builtin.attention import backend_name
 
         return backend_name(self.preset)
+
+
+# --------------------------------------------------------------------------- before any work
+
+DECODE_CONTEXT: Final = 16
+"""Tokens already cached before each synthetic decode of a dummy run."""
+
+Spec = tuple[int, int, bool]
+"""One request of a batch: ``(num_new, context, decode)``."""
+
+
+def dummy_specs(
+    config: EngineConfig, shape: str, num_tokens: int, prior_context: int = 0
+) -> list[Spec]:
+    """The synthetic batch of a dummy run, as ``(num_new, context, decode)`` specs.
+
+    * ``mixed``: ``min(n // 2, max_num_seqs - 1)`` decodes (each after
+      ``DECODE_CONTEXT`` cached tokens) plus one prefill of the rest, which has
+      ``prior_context`` cached tokens;
+    * ``single_prefill``: one prefill of ``n`` tokens after ``prior_context``;
+    * ``uniform_decode``: ``min(n, max_num_seqs)`` decodes;
+    * ``plain``: one prefill of ``n`` tokens without context (a profile run).
+    """
+    if num_tokens < 1:
+        raise ValueError(f"dummy_run needs num_tokens >= 1: {num_tokens}")
+    if prior_context < 0:
+        raise ValueError(f"prior_context must be >= 0: {prior_context}")
+    if shape == "mixed":
+        dec = min(num_tokens // 2, config.max_num_seqs - 1)
+        return [(1, DECODE_CONTEXT, True)] * dec + [(num_tokens - dec, prior_context, False)]
+    if shape == "single_prefill":
+        return [(num_tokens, prior_context, False)]
+    if shape == "uniform_decode":
+        return [(1, DECODE_CONTEXT, True)] * min(num_tokens, config.max_num_seqs)
+    if shape == "plain":
+        return [(num_tokens, 0, False)]
+    raise ValueError(
+        f"unknown shape {shape!r}; expected one of mixed, single_prefill, uniform_decode, plain"
+    )
+
+
+def check_batch(config: EngineConfig, what: str, specs: list[Spec]) -> None:
+    """Raise ``ValueError`` naming the config field to change when the batch ``specs``
+    (``what`` says whose) cannot run on an engine of ``config``: more tokens than
+    ``max_num_tokens``, a sequence longer than ``max_model_len``, more KV cache blocks
+    than the pool holds. Pure arithmetic: it runs before any work."""
+    c = config
+    new = sum(m for m, _, _ in specs)
+    if new > c.max_num_tokens:
+        raise ValueError(
+            f'{what} runs {new} tokens in one batch, more than "max_num_tokens" ({c.max_num_tokens}); '
+            f'raise "max_num_tokens" to at least {new}'
+        )
+    longest = max(m + ctx for m, ctx, _ in specs)
+    if longest > c.max_model_len:
+        raise ValueError(
+            f'{what} needs a sequence of {longest} tokens, longer than "max_model_len" '
+            f'({c.max_model_len}); raise "max_model_len" to at least {longest}'
+        )
+    need = sum(-(-(m + ctx) // c.block_size) for m, ctx, _ in specs)
+    pool = c.num_blocks - 1  # block 0 is the null block
+    if need > pool:
+        cached = sum(ctx for _, ctx, _ in specs)
+        raise ValueError(
+            f"{what} needs {need} KV cache blocks of {c.block_size} ({new} new + {cached} cached "
+            f'tokens), the pool holds {pool}; raise "num_blocks" to at least {need + 1}'
+        )
+
+
+_GB: Final = 1e9
+
+
+def memory_needs(config: EngineConfig, dtype_bytes: int) -> dict[str, int]:
+    """Bytes the engine allocates, by what sizes them (an estimate within a small
+    factor: weights, KV cache, block table, one batch's activations)."""
+    c = config
+    heads = c.num_heads * c.head_dim
+    per_layer = 4 * c.hidden_size * heads + 3 * c.hidden_size * c.intermediate_size
+    per_token = (
+        2 * c.num_kv_heads * c.head_dim
+        if c.preset == "dense"
+        else c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim
+    )
+    widest = c.vocab_size + 2 * c.intermediate_size + 4 * c.hidden_size + 3 * heads
+    return {
+        '"vocab_size" x "hidden_size" (embedding and output weights)': 2
+        * c.vocab_size
+        * c.hidden_size
+        * dtype_bytes,
+        '"num_layers" x "hidden_size" x "intermediate_size" (layer weights)': c.num_layers
+        * per_layer
+        * dtype_bytes,
+        '"num_blocks" x "block_size" (KV cache)': c.num_layers
+        * c.num_blocks
+        * c.block_size
+        * per_token
+        * dtype_bytes,
+        '"max_num_seqs" x "max_model_len" (block table)': (c.max_num_seqs + 1)
+        * c.max_blocks_per_seq
+        * 8,
+        '"max_num_tokens" (one batch\'s activations)': c.max_num_tokens * widest * 4,
+    }
+
+
+def check_memory(config: EngineConfig, *, dtype_bytes: int, available: int, where: str) -> None:
+    """Raise ``ValueError`` naming the field that sizes the largest part when the
+    engine would need more than ``available`` bytes on ``where`` (before allocating)."""
+    needs = memory_needs(config, dtype_bytes)
+    total = sum(needs.values())
+    if total <= available:
+        return
+    part, size = max(needs.items(), key=lambda kv: kv[1])
+    field_name = part.split('"')[1]
+    raise ValueError(
+        f"the engine would need about {total / _GB:.1f} GB, more than the "
+        f"{available / _GB:.1f} GB available on {where}; the largest part is {part}: "
+        f'{size / _GB:.1f} GB; lower "{field_name}"'
+    )

@@ -22,12 +22,10 @@ import torch
 
 from warmplan.workers.builtin.attention import ATTENTION_IMPLS, DEFAULT_IMPL
 from warmplan.workers.builtin.block_table import BlockPool
-from warmplan.workers.builtin.config import EngineConfig
+from warmplan.workers.builtin.config import DECODE_CONTEXT as DECODE_CONTEXT  # home: config
+from warmplan.workers.builtin.config import EngineConfig, dummy_specs
 from warmplan.workers.builtin.kernels import Kernels, next_power_of_two, slot_mapping_torch
 from warmplan.workers.builtin.model import Decoder, flashinfer_gemm_usable
-
-DECODE_CONTEXT: Final = 16
-"""Tokens already cached before each synthetic decode of a dummy run."""
 
 TUNE_REPEATS: Final = 3
 
@@ -405,32 +403,8 @@ class ModelRunner:
     def dummy_specs(
         self, shape: str, num_tokens: int, prior_context: int = 0
     ) -> list[tuple[int, int, bool]]:
-        """The synthetic batch of a dummy run, as ``(num_new, context, decode)`` specs.
-
-        * ``mixed``: ``min(n // 2, max_num_seqs - 1)`` decodes (each after
-          ``DECODE_CONTEXT`` cached tokens) plus one prefill of the rest, which has
-          ``prior_context`` cached tokens;
-        * ``single_prefill``: one prefill of ``n`` tokens after ``prior_context``;
-        * ``uniform_decode``: ``min(n, max_num_seqs)`` decodes;
-        * ``plain``: one prefill of ``n`` tokens without context (a profile run).
-        """
-        cfg = self.config
-        if num_tokens < 1:
-            raise ValueError(f"dummy_run needs num_tokens >= 1: {num_tokens}")
-        if prior_context < 0:
-            raise ValueError(f"prior_context must be >= 0: {prior_context}")
-        if shape == "mixed":
-            dec = min(num_tokens // 2, cfg.max_num_seqs - 1)
-            return [(1, DECODE_CONTEXT, True)] * dec + [(num_tokens - dec, prior_context, False)]
-        if shape == "single_prefill":
-            return [(num_tokens, prior_context, False)]
-        if shape == "uniform_decode":
-            return [(1, DECODE_CONTEXT, True)] * min(num_tokens, cfg.max_num_seqs)
-        if shape == "plain":
-            return [(num_tokens, 0, False)]
-        raise ValueError(
-            f"unknown shape {shape!r}; expected one of mixed, single_prefill, uniform_decode, plain"
-        )
+        """The synthetic batch of a dummy run (``warmplan.workers.builtin.config.dummy_specs``)."""
+        return dummy_specs(self.config, shape, num_tokens, prior_context)
 
     def dummy_run(self, shape: str, num_tokens: int, prior_context: int = 0) -> torch.Tensor:
         """Run a synthetic batch through the serving path (see ``dummy_specs``)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,10 +23,16 @@ from warmplan.workers.builtin.autotune import (
     TritonAutotuneBackend,
     flashinfer_backend,
 )
-from warmplan.workers.builtin.config import EngineConfig
+from warmplan.workers.builtin.config import (
+    EngineConfig,
+    check_batch,
+    check_memory,
+    dummy_specs,
+)
 from warmplan.workers.builtin.runner import ModelRunner
 
 if TYPE_CHECKING:
+    from warmplan.steps.base import ResolvedStep
     from warmplan.world import World
 
 
@@ -55,7 +61,11 @@ class BuiltinWorker:
         if not isinstance(config, EngineConfig):
             config = EngineConfig.from_mapping(config)
         self.config = config
-        self.runner = ModelRunner(config, compile=compile)
+        _check_memory(config)
+        try:
+            self.runner = ModelRunner(config, compile=compile)
+        except (RuntimeError, MemoryError) as exc:  # torch's allocation failures
+            raise ValueError(f"cannot allocate the engine: {exc}") from None
         if world is None:
             from warmplan.world import LocalWorld
 
@@ -148,9 +158,55 @@ class BuiltinWorker:
     def autotune_backend(self, name: str) -> AutotuneBackend | None:
         return self._backends.get(name)
 
+    def check_fits(self, steps: Sequence[ResolvedStep]) -> None:
+        """Raise ``ValueError`` naming the step and the config field to change when a
+        step's applied batches cannot run on this engine (``config.check_batch``):
+        arithmetic on the resolved plan, before the first step runs."""
+        for rstep in steps:
+            if rstep.skipped is not None:
+                continue
+            shape, prior = rstep.forward()
+            for n in rstep.applied:
+                if shape is not None:
+                    specs = dummy_specs(self.config, shape, n, prior)
+                    what = f"step {rstep.id!r} ({shape} of {n} tokens" + (
+                        f" after {prior} cached)" if prior else ")"
+                    )
+                elif rstep.kind == "slot_mapping":
+                    specs, what = [(n, 0, False)], f"step {rstep.id!r} (slot mapping of {n} tokens)"
+                else:
+                    continue
+                check_batch(self.config, what, specs)
+
     def padded_num_tokens(self, num_tokens: int) -> int:
         """The compile size a batch of ``num_tokens`` runs at (for ``verify --suggest``)."""
         return self.runner.padded_size(num_tokens)
+
+
+def _check_memory(config: EngineConfig) -> None:
+    """Refuse, before allocating, a config that cannot fit in this device's free memory."""
+    from warmplan.workers.builtin.runner import resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    dtype_bytes = resolve_dtype(config.dtype, device).itemsize
+    cuda = device.type == "cuda"
+    available = torch.cuda.mem_get_info(device)[0] if cuda else _host_available()
+    check_memory(config, dtype_bytes=dtype_bytes, available=available, where=device.type)
+
+
+def _host_available() -> int:
+    """MemAvailable from /proc/meminfo, else physical memory (bytes)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 1 << 62
 
 
 def _device_name(device: torch.device) -> str:
@@ -162,6 +218,6 @@ def _device_name(device: torch.device) -> str:
 
 
 def _decode_context() -> int:
-    from warmplan.workers.builtin.runner import DECODE_CONTEXT
+    from warmplan.workers.builtin.config import DECODE_CONTEXT
 
     return DECODE_CONTEXT
