@@ -219,3 +219,25 @@ def test_load_only_plan_without_on_missing_skips(tmp_path: Path) -> None:
     tune = report.step("t").autotune
     assert tune is not None and tune["decision"] == "skip" and tune["policy"] == "load_only"
     assert worker.calls_named("dummy_run") == []
+
+
+def test_own_monitor_is_uninstalled_on_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C inside a step leaves no monitor hooks installed behind it."""
+    from warmplan import executor
+    from warmplan.monitor import NoMonitor
+
+    class Spy(NoMonitor):
+        uninstalled = 0
+
+        def uninstall(self) -> None:
+            self.uninstalled += 1
+
+    class Interrupted(RecordingWorker):
+        def slot_mapping(self, num_tokens: int) -> None:
+            raise KeyboardInterrupt
+
+    spy = Spy()
+    monkeypatch.setattr(executor, "_make_monitor", lambda: spy)
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(DSV4, Interrupted(max_num_tokens=8))
+    assert spy.uninstalled == 1

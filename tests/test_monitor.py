@@ -222,8 +222,8 @@ def test_uninstall_stops_counting_and_removes_callbacks() -> None:
     assert monitor.compiles() == 1
     from torch._dynamo.callback import callback_handler as handler
 
-    assert monitor._dynamo_start not in handler.start_callbacks
-    assert monitor._dynamo_end not in handler.end_callbacks
+    assert monitor.dynamo.on_start not in handler.start_callbacks
+    assert monitor.dynamo.on_end not in handler.end_callbacks
 
 
 def test_invalid_mode_is_rejected() -> None:

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from warmplan.executor import Report, run_plan
+    from warmplan.executor import run_plan
     from warmplan.plan import Plan, load_plan
+    from warmplan.report import Report
     from warmplan.resolve import ResolvedPlan, resolve
 
 __all__ = ["Plan", "Report", "ResolvedPlan", "__version__", "load_plan", "resolve", "run_plan"]
@@ -19,7 +20,7 @@ _LAZY = {
     "resolve": "warmplan.resolve",
     "ResolvedPlan": "warmplan.resolve",
     "run_plan": "warmplan.executor",
-    "Report": "warmplan.executor",
+    "Report": "warmplan.report",
 }
 
 

@@ -8,6 +8,11 @@ message is printed as it is, without a traceback.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from warmplan.report import Report
+
 
 class WarmplanError(Exception):
     """Base of every error warmplan reports to a user without a traceback."""
@@ -37,5 +42,6 @@ class StepError(WarmplanError):
     def __init__(self, step_id: str, message: str, *, rank: int | None = None) -> None:
         self.step_id = step_id
         self.rank = rank
+        self.report: Report | None = None  # the partial report, when the executor raised it
         where = f"step {step_id!r}" if rank is None else f"rank {rank}, step {step_id!r}"
         super().__init__(f"{where}: {message}")

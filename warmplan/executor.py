@@ -4,19 +4,18 @@ and produce the report (``docs/report.md`` documents its fields)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
-from warmplan.errors import StepError, UserError, WarmplanError
-from warmplan.fsutil import atomic_write, default_cache_root
-from warmplan.log import get_logger
+from warmplan.errors import StepError, WarmplanError
+from warmplan.fsutil import default_cache_root
+from warmplan.log import Logger, get_logger
+from warmplan.monitor import JitMonitor, Monitor, MonitorMode, NoMonitor
 from warmplan.plan import Plan
+from warmplan.report import Report, StepReport
 from warmplan.resolve import ResolvedPlan, resolve
 from warmplan.steps import STEPS
 from warmplan.steps.base import CacheContext, ResolvedStep, arch_of
@@ -24,82 +23,7 @@ from warmplan.workers.base import StepUnsupported, Worker
 
 log = get_logger(__name__)
 
-REPORT_VERSION = 1
-
-
-@dataclass(slots=True, kw_only=True)
-class StepReport:
-    """One step's line in the report."""
-
-    id: str
-    kind: str
-    requested: list[int]
-    applied: list[int]
-    skipped: str | None
-    duration_s: float = 0.0
-    compiles: int = 0
-    cache_loads: int = 0
-    shape: str | None = None
-    prior_context: int = 0
-    autotune: dict[str, Any] | None = None
-    error: str | None = None
-
-
-@dataclass(slots=True, kw_only=True)
-class Report:
-    """The result of running a plan on one rank (``--report FILE``)."""
-
-    plan: dict[str, Any]
-    worker: dict[str, Any]
-    steps: list[StepReport] = field(default_factory=list)
-    duration_s: float = 0.0
-    compile_cache: dict[str, Any] | None = None
-    failed: str | None = None
-
-    @property
-    def totals(self) -> dict[str, Any]:
-        return {
-            "duration_s": round(self.duration_s, 6),
-            "compiles": sum(s.compiles for s in self.steps),
-            "cache_loads": sum(s.cache_loads for s in self.steps),
-            "steps_run": sum(1 for s in self.steps if s.skipped is None and s.error is None),
-            "steps_skipped": sum(1 for s in self.steps if s.skipped is not None),
-        }
-
-    def step(self, step_id: str) -> StepReport:
-        for s in self.steps:
-            if s.id == step_id:
-                return s
-        raise KeyError(
-            f"no step {step_id!r} in the report; steps: {', '.join(s.id for s in self.steps)}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        steps = []
-        for s in self.steps:
-            d = asdict(s)
-            d["duration_s"] = round(s.duration_s, 6)
-            steps.append(d)
-        out: dict[str, Any] = {
-            "report_version": REPORT_VERSION,
-            "plan": self.plan,
-            "worker": self.worker,
-            "steps": steps,
-            "totals": self.totals,
-            "failed": self.failed,
-        }
-        if self.compile_cache is not None:
-            out["compile_cache"] = self.compile_cache
-        return out
-
-    def write(self, path: str | os.PathLike[str]) -> None:
-        """Write the report as JSON atomically (temp file + rename)."""
-        try:
-            atomic_write(
-                path, json.dumps(self.to_dict(), indent=2, sort_keys=False).encode() + b"\n"
-            )
-        except OSError as exc:
-            raise UserError(f"cannot write the report {path}: {exc.strerror or exc}") from None
+__all__ = ["Report", "StepReport", "cache_context", "resolve_for", "run_plan"]
 
 
 def cache_context(plan: Plan, worker: Worker, cache_root: str | None = None) -> CacheContext:
@@ -126,20 +50,6 @@ def resolve_for(plan: Plan, worker: Worker, cache_root: str | None = None) -> Re
     return resolve(plan, worker.limits, worker.facts, cache_context(plan, worker, cache_root))
 
 
-class _NoMonitor:
-    """Stands in when the JIT monitor cannot be installed (no torch, say)."""
-
-    @contextlib.contextmanager
-    def attribute(self, label: str) -> Iterator[None]:
-        yield
-
-    def compiles(self, label: str | None = None) -> int:
-        return 0
-
-    def cache_loads(self, label: str | None = None) -> int:
-        return 0
-
-
 ProgressHook = Callable[[int, int, ResolvedStep, str], None]
 
 
@@ -147,18 +57,19 @@ def run_plan(
     plan: Plan,
     worker: Worker,
     *,
-    monitor: Any | None = None,
-    jit_monitor: str = "off",
+    monitor: Monitor | None = None,
+    jit_monitor: MonitorMode = "off",
     cache_root: str | None = None,
     progress: ProgressHook | None = None,
 ) -> Report:
     """Run ``plan`` on ``worker`` and return the report.
 
     ``monitor``: a ``warmplan.monitor.JitMonitor`` to count compilations with; one is
-    made (and removed afterwards) when not given. ``jit_monitor`` (``off`` / ``warn`` /
-    ``error``) arms the monitor after the plan, so that it keeps watching the worker
-    while it serves; an armed monitor stays installed. Raises ``StepError`` (its
-    ``report`` attribute holds the partial report) when a step fails.
+    made, and uninstalled however the run ends (a Ctrl-C included), when not given.
+    ``jit_monitor`` (``off`` / ``warn`` / ``error``) arms the monitor after the plan,
+    so that it keeps watching the worker while it serves; an armed monitor stays
+    installed. Raises ``StepError`` (its ``report`` attribute holds the partial report)
+    when a step fails.
     """
     started = time.perf_counter()
     resolved = resolve_for(plan, worker, cache_root)
@@ -178,8 +89,8 @@ def run_plan(
         },
     )
     own_monitor = monitor is None
-    if monitor is None:
-        monitor = _make_monitor()
+    mon = _make_monitor() if monitor is None else monitor
+    keep_installed = False
     bound = (
         log.bind(plan=plan.name, rank=world.rank)
         if world.world_size > 1
@@ -191,7 +102,7 @@ def run_plan(
     try:
         if plan.compile_cache.share and world.world_size > 1:
             report.compile_cache = _share_compile_caches(
-                plan, resolved, worker, monitor, done, covered, bound, progress
+                plan, resolved, worker, mon, done, covered, bound, progress
             )
         for index, rstep in enumerate(resolved.steps):
             if rstep.id in done:
@@ -202,49 +113,42 @@ def run_plan(
                 len(resolved.steps),
                 rstep,
                 worker,
-                monitor,
+                mon,
                 covered,
                 bound,
                 progress,
                 into=report.steps,
             )
+        report.duration_s = time.perf_counter() - started
+        totals = report.totals
+        bound.info(
+            "plan.done",
+            duration_s=round(report.duration_s, 3),
+            compiles=totals["compiles"],
+            run=totals["steps_run"],
+            skipped=totals["steps_skipped"],
+        )
+        if jit_monitor != "off":
+            mon.arm(jit_monitor)
+            keep_installed = True
+        return report
     except StepError as exc:
         report.failed = str(exc)
         report.duration_s = time.perf_counter() - started
-        exc.report = report  # type: ignore[attr-defined]
-        if own_monitor:
-            _uninstall(monitor)
+        exc.report = report
         raise
-    report.duration_s = time.perf_counter() - started
-    totals = report.totals
-    bound.info(
-        "plan.done",
-        duration_s=round(report.duration_s, 3),
-        compiles=totals["compiles"],
-        run=totals["steps_run"],
-        skipped=totals["steps_skipped"],
-    )
-    if jit_monitor != "off" and hasattr(monitor, "arm"):
-        monitor.arm(jit_monitor)
-    elif own_monitor:
-        _uninstall(monitor)
-    return report
+    finally:
+        if own_monitor and not keep_installed:
+            mon.uninstall()
 
 
-def _make_monitor() -> Any:
+def _make_monitor() -> Monitor:
     if "torch" not in sys.modules and "triton" not in sys.modules:
         # Nothing can compile in a process that never imported torch or Triton.
-        return _NoMonitor()
-    from warmplan.monitor import JitMonitor
-
+        return NoMonitor()
     m = JitMonitor()
     m.install()
     return m
-
-
-def _uninstall(monitor: Any) -> None:
-    if hasattr(monitor, "uninstall"):
-        monitor.uninstall()
 
 
 def _run_one(
@@ -252,9 +156,9 @@ def _run_one(
     total: int,
     rstep: ResolvedStep,
     worker: Worker,
-    monitor: Any,
+    monitor: Monitor,
     covered: dict[str, str],
-    bound: Any,
+    bound: Logger,
     progress: ProgressHook | None,
     into: list[StepReport],
 ) -> StepReport:
@@ -357,10 +261,10 @@ def _share_compile_caches(
     plan: Plan,
     resolved: ResolvedPlan,
     worker: Worker,
-    monitor: Any,
+    monitor: Monitor,
     done: dict[str, StepReport],
     covered: dict[str, str],
-    bound: Any,
+    bound: Logger,
     progress: ProgressHook | None,
 ) -> dict[str, Any]:
     """Rank 0 runs the compile-heavy steps (those before the first collective step,

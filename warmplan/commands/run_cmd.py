@@ -17,6 +17,7 @@ from warmplan.commands._common import (
     tokens_text,
 )
 from warmplan.errors import StepError
+from warmplan.report import report_path
 
 
 def add_parser(subparsers: Any) -> None:
@@ -43,10 +44,6 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(run=run)
 
 
-def report_path(template: str, rank: int) -> str:
-    return template.replace("{rank}", str(rank))
-
-
 def run(args: argparse.Namespace) -> int:
     from warmplan.executor import run_plan
 
@@ -64,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                 progress=hook,
             )
         except StepError as exc:
-            partial = getattr(exc, "report", None)
+            partial = exc.report
             if args.report and partial is not None:
                 partial.write(report_path(args.report, rank))
             raise
