@@ -16,6 +16,7 @@ import base64
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from warmplan.fsutil import default_cache_root as default_cache_root
 
 FORMAT_VERSION = 1
 FORMAT_KEY = "warmplan_autotune_cache"
+# Tuning results are kilobytes to a few megabytes; a larger file is not one of ours.
+MAX_CACHE_BYTES = 64 * 1024 * 1024
 
 
 def fingerprint(payload: bytes) -> str:
@@ -78,9 +81,13 @@ def decode_cache(raw: bytes, expected: Mapping[str, str], *, path: str) -> Cache
     """Validate ``raw`` (a cache file's bytes) against ``expected`` metadata."""
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and integers past Python's digit
+        # limit; RecursionError, nesting deeper than the parser's stack.
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         return CacheMiss(
-            reason=f"cache file {path} does not parse (corrupt or truncated): {exc}", exists=True
+            reason=f"cache file {path} does not parse (corrupt or truncated): {detail}",
+            exists=True,
         )
     if not isinstance(doc, dict) or doc.get(FORMAT_KEY) is None:
         return CacheMiss(reason=f"cache file {path} is not a warmplan autotune cache", exists=True)
@@ -114,14 +121,38 @@ def decode_cache(raw: bytes, expected: Mapping[str, str], *, path: str) -> Cache
 
 
 def read_cache(path: str, expected: Mapping[str, str]) -> CacheRead:
-    """Read and validate the cache file at ``path``; never raises for bad contents."""
+    """Read and validate the cache file at ``path``; never raises, never blocks.
+
+    Only a regular file of at most ``MAX_CACHE_BYTES`` is read: a FIFO (which would
+    block in ``open``), a device (``/dev/zero`` reads forever) or a directory at the
+    path is a miss, like an unreadable file."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return CacheMiss(reason=f"no cache file at {path}")
     except OSError as exc:
-        return CacheMiss(reason=f"cache file {path} is unreadable: {exc}", exists=True)
+        return CacheMiss(
+            reason=f"cache file {path} is unreadable: {exc.strerror or exc}", exists=True
+        )
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return CacheMiss(reason=f"cache file {path} is not a regular file", exists=True)
+        if st.st_size > MAX_CACHE_BYTES:
+            return CacheMiss(
+                reason=f"cache file {path} holds {st.st_size} bytes, more than {MAX_CACHE_BYTES}",
+                exists=True,
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_CACHE_BYTES + 1)
+    except OSError as exc:
+        return CacheMiss(
+            reason=f"cache file {path} is unreadable: {exc.strerror or exc}", exists=True
+        )
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CACHE_BYTES:
+        return CacheMiss(reason=f"cache file {path} grew past {MAX_CACHE_BYTES} bytes", exists=True)
     return decode_cache(raw, expected, path=path)
 
 
@@ -141,8 +172,10 @@ class CacheWriteError(OSError):
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """``warmplan.fsutil.atomic_write``, with failures as a ``CacheWriteError`` naming the path."""
+    """``warmplan.fsutil.replace_file`` (temp file + rename over the name, never
+    following a link planted there; stale temp files of killed writers removed), with
+    failures as a ``CacheWriteError`` naming the path."""
     try:
-        fsutil.atomic_write(path, data)
+        fsutil.replace_file(path, data)
     except OSError as exc:
         raise CacheWriteError(f"cannot write cache file {path}: {exc.strerror or exc}") from exc
