@@ -21,12 +21,12 @@ from warmplan.workers.vllm.common import (
     BACKEND_NAMES,
     UnsupportedByVllm,
     VllmFlashInferBackend,
-    VllmWorld,
     vllm_version,
 )
 from warmplan.workers.vllm.seed import SeedLayout
 from warmplan.workers.vllm.v2 import V2Layout
 from warmplan.workers.vllm.warmups import VLLM_WARMUPS, WARMUP_NAMES, VllmWarmup
+from warmplan.world.vllm_group import VllmWorld
 
 __all__ = [
     "BACKEND_NAMES",

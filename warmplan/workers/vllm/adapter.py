@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from warmplan.dist import World
 from warmplan.workers.base import (
     AutotuneBackend,
     EngineWarmup,
@@ -38,12 +37,13 @@ from warmplan.workers.vllm.common import (
     BACKEND_NAMES,
     UnsupportedByVllm,
     VllmFlashInferBackend,
-    VllmWorld,
     dist_version,
     flashinfer_version,
     vllm_version,
 )
 from warmplan.workers.vllm.warmups import VLLM_WARMUPS, available_warmups, run_warmup
+from warmplan.world import World
+from warmplan.world.vllm_group import VllmWorld
 
 LAYOUTS = ("seed", "v2")
 

@@ -18,13 +18,11 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from warmplan.dist import WorldError, WorldTimeout
 from warmplan.errors import WarmplanError
 from warmplan.log import get_logger
 from warmplan.workers.base import (
@@ -37,7 +35,6 @@ __all__ = [
     "BACKEND_NAMES",
     "UnsupportedByVllm",
     "VllmFlashInferBackend",
-    "VllmWorld",
     "dist_version",
     "flashinfer_version",
     "vllm_version",
@@ -100,94 +97,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return str(value)
-
-
-class VllmWorld:
-    """vLLM's world group (``get_world_group()``) as a :class:`warmplan.dist.World`.
-
-    vLLM's ``GroupCoordinator`` takes no per-call timeout. ``barrier`` therefore uses
-    ``torch.distributed.monitored_barrier`` on the group's gloo ``cpu_group`` when
-    torch.distributed is up, which does honour ``timeout_s`` and names the ranks that
-    did not arrive; otherwise it calls the group's own ``barrier()``. Broadcasts go
-    through the group's ``broadcast_object`` and are bounded by the process group's
-    own timeout, set when vLLM created it. A failing collective raises
-    :class:`WorldError` (:class:`WorldTimeout` when it timed out) naming the ranks.
-    """
-
-    def __init__(self, group: Any) -> None:
-        self._group = group
-
-    @property
-    def rank(self) -> int:
-        return int(self._group.rank_in_group)
-
-    @property
-    def local_rank(self) -> int:
-        return int(self._group.local_rank)
-
-    @property
-    def world_size(self) -> int:
-        return int(self._group.world_size)
-
-    def _torch_cpu_group(self) -> Any | None:
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        cpu_group = getattr(self._group, "cpu_group", None)
-        return cpu_group if isinstance(cpu_group, dist.ProcessGroup) else None
-
-    def _failed(self, what: str, exc: BaseException) -> WorldError:
-        text = str(exc)
-        cls = (
-            WorldTimeout if "timed out" in text.lower() or "timeout" in text.lower() else WorldError
-        )
-        return cls(f"rank {self.rank}/{self.world_size}: {what} failed: {text}")
-
-    def broadcast_bytes(
-        self, data: bytes | None, *, src: int = 0, timeout_s: float
-    ) -> bytes | None:
-        if self.world_size == 1:
-            return data
-        try:
-            out = self._group.broadcast_object(data if self.rank == src else None, src=src)
-        except Exception as exc:
-            raise self._failed(f"broadcast from rank {src}", exc) from exc
-        if out is not None and not isinstance(out, bytes):
-            raise WorldError(
-                f"rank {self.rank}: broadcast from rank {src} returned {type(out).__name__}, expected bytes or None"
-            )
-        return out
-
-    def all_gather_str(self, value: str, *, timeout_s: float) -> list[str]:
-        if self.world_size == 1:
-            return [value]
-        cpu_group = self._torch_cpu_group()
-        try:
-            if cpu_group is not None:
-                out: list[Any] = [None] * self.world_size
-                torch.distributed.all_gather_object(out, value, group=cpu_group)
-                return [str(v) for v in out]
-            # No torch.distributed group to hand: one broadcast per rank, in rank order.
-            return [
-                str(self._group.broadcast_object(value if r == self.rank else None, src=r))
-                for r in range(self.world_size)
-            ]
-        except Exception as exc:
-            raise self._failed("all_gather", exc) from exc
-
-    def barrier(self, *, timeout_s: float) -> None:
-        if self.world_size == 1:
-            return
-        cpu_group = self._torch_cpu_group()
-        try:
-            if cpu_group is not None and torch.distributed.get_backend(cpu_group) == "gloo":
-                torch.distributed.monitored_barrier(
-                    group=cpu_group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True
-                )
-            else:
-                self._group.barrier()
-        except Exception as exc:
-            raise self._failed(f"barrier (timeout {timeout_s:g}s)", exc) from exc
 
 
 class VllmFlashInferBackend:
