@@ -34,7 +34,6 @@ import functools
 import importlib
 import importlib.abc
 import importlib.machinery
-import json
 import os
 import sys
 import threading
@@ -168,20 +167,7 @@ def replaced_functions(
 
 def report_as_dict(report: Any) -> dict[str, Any]:
     """A report (the executor's ``Report``) as a JSON-ready dict."""
-    for attr in ("as_dict", "to_dict"):
-        method = getattr(report, attr, None)
-        if callable(method):
-            return dict(method())
-    raise TypeError(f"cannot turn a {type(report).__name__} into a report dict")
-
-
-def _write_report(report: Any, template: str, rank: int) -> str:
-    from warmplan.fsutil import atomic_write
-
-    path = Path(template.replace("{rank}", str(rank))).expanduser()
-    text = json.dumps(report_as_dict(report), indent=1, sort_keys=True, default=str)
-    atomic_write(path, text.encode() + b"\n")
-    return str(path)
+    return dict(report.to_dict())
 
 
 def run_plan_file(
@@ -194,10 +180,11 @@ def run_plan_file(
     """Load ``plan_path``, run it on vLLM ``worker``, write the report; return it."""
     from warmplan.executor import run_plan
     from warmplan.plan import load_plan
+    from warmplan.report import report_path
     from warmplan.workers.vllm import VllmWorker
 
     adapter = VllmWorker(worker, process_local_only=process_local_only)
-    plan = load_plan(plan_path)
+    plan = load_plan(Path(plan_path))
     log.info(
         "warmplan.vllm.plan",
         plan=plan_path,
@@ -207,7 +194,8 @@ def run_plan_file(
     )
     report = run_plan(plan, adapter)
     if report_template:
-        written = _write_report(report, report_template, adapter.world.rank)
+        written = report_path(str(Path(report_template).expanduser()), adapter.world.rank)
+        report.write(written)
         log.info("warmplan.vllm.report", path=written)
     return report
 
@@ -453,8 +441,8 @@ class WarmplanWorkerExtension:
 
     def warmplan_run(self, plan_text: str) -> dict[str, Any]:
         from warmplan.executor import run_plan
-        from warmplan.plan import load_plan
+        from warmplan.plan import parse_plan
         from warmplan.workers.vllm import VllmWorker
 
-        plan = load_plan(plan_text, name="<collective_rpc warmplan_run>")
+        plan = parse_plan(plan_text, file="<collective_rpc warmplan_run>")
         return report_as_dict(run_plan(plan, VllmWorker(self)))
