@@ -488,8 +488,8 @@ def test_one_report_per_compile_beside_vllms_jit_monitor(
     try:
         event = {"key": "k", "label": "serving step 1", "cache_hit": False, "duration_s": 0.1}
         with capture_logs() as logs:
-            monitor._record(CompileEvent(kind="triton", name="_kernel", **event))
-            monitor._record(CompileEvent(kind="dynamo", name="forward", **event))
+            monitor.store.record(CompileEvent(kind="triton", name="_kernel", **event))
+            monitor.store.record(CompileEvent(kind="dynamo", name="forward", **event))
         assert monitor.compiles() == 2
         assert [(e["event"], e["kind"]) for e in logs] == [("jit_compile_after_warmup", "dynamo")]
     finally:
