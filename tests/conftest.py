@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root and a plan-writing helper."""
+"""Shared fixtures (a plan-writing helper), the fast lane, and the real-vLLM tier."""
 
 from __future__ import annotations
 
@@ -21,6 +21,65 @@ def write_plan(tmp_path: Path) -> Callable[[str, str], Path]:
     return write
 
 
+# -- the fast lane ------------------------------------------------------------------
+# `pytest -m "not compiles"` runs warmplan's logic in seconds. `compiles` marks what
+# costs seconds a test: compiling kernels or graphs (torch.compile, Triton, the built-in
+# engine), importing torch, or starting Python processes. These modules are marked
+# whole, here; a test elsewhere marks itself. When the marker expression deselects
+# `compiles`, these modules are not even collected: importing them imports torch.
+COMPILING_MODULES = (
+    "builtin/",
+    "multiproc/",
+    "vllm_real/",
+    "test_monitor.py",
+    "test_record.py",
+    "test_verify.py",
+    "test_vllm_adapter.py",
+    "test_vllm_contract.py",
+    "test_vllm_equivalence.py",
+    "test_vllm_v2.py",
+)
+_TESTS = Path(__file__).parent
+
+
+def _compiling(path: Path) -> bool:
+    rel = path.relative_to(_TESTS).as_posix() if path.is_relative_to(_TESTS) else ""
+    return any(rel == m.rstrip("/") or rel.startswith(m) for m in COMPILING_MODULES)
+
+
+def _compiles_deselected(config: pytest.Config) -> bool:
+    """Whether the -m expression drops every test marked `compiles`, whatever other
+    registered markers it carries (so `-m gpu` still collects the GPU tests)."""
+    import itertools
+
+    from _pytest.mark.expression import Expression
+
+    markexpr = config.getoption("markexpr", "")
+    if not markexpr:
+        return False
+    expr = Expression.compile(markexpr)
+    others = [line.split(":", 1)[0].strip() for line in config.getini("markers")]
+    others = [name for name in others if name and name != "compiles"]
+    for values in itertools.product((False, True), repeat=len(others)):
+        present = {"compiles", *(n for n, v in zip(others, values, strict=True) if v)}
+        if expr.evaluate(lambda name, **kw: name in present):
+            return False
+    return True
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if _compiling(collection_path) and _compiles_deselected(config):
+        return True
+    return None
+
+
+def _mark_compiling(items: list[pytest.Item]) -> None:
+    for item in items:
+        slow = item.get_closest_marker("multiproc") or item.get_closest_marker("gpu")
+        if slow or _compiling(Path(str(item.path))):
+            item.add_marker(pytest.mark.compiles)
+
+
 # -- the real vLLM ------------------------------------------------------------------
 # Tests marked `vllm` run against the installed vLLM package (scripts/vllm-env.sh
 # builds a venv with vLLM 0.34.0; `.ci/run` runs them there). Where vLLM is not
@@ -39,6 +98,7 @@ def real_vllm_installed() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import os
 
+    _mark_compiling(items)
     marked = [item for item in items if item.get_closest_marker("vllm") is not None]
     if not marked or real_vllm_installed():
         return

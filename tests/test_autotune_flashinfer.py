@@ -131,6 +131,7 @@ def test_absent_flashinfer_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> No
     assert reason.startswith("flashinfer is not installed")
 
 
+@pytest.mark.compiles  # the backend's metadata imports torch
 def test_tune_then_load_in_a_fresh_process_state(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

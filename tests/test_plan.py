@@ -275,6 +275,7 @@ def test_file_errors(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.compiles  # starts an interpreter
 def test_validate_cli_reports_all_files(write_plan: Callable[..., Path]) -> None:
     """warmplan validate checks every file, prints every problem, exits 1 if any is bad."""
     good = PLANS / "builtin-smoke.yaml"
@@ -297,6 +298,7 @@ def test_validate_cli_reports_all_files(write_plan: Callable[..., Path]) -> None
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.compiles  # starts an interpreter
 def test_validate_imports_no_torch() -> None:
     """python -X importtime -m warmplan validate imports no torch."""
     proc = subprocess.run(

@@ -60,6 +60,7 @@ def test_current_world_is_local_when_not_launched(monkeypatch: pytest.MonkeyPatc
     assert world_module._current is None
 
 
+@pytest.mark.compiles  # starts an interpreter
 def test_world_imports_without_torch() -> None:
     """warmplan.world, the old warmplan.dist path, the cache module and the test doubles never import torch."""
     code = (
