@@ -494,3 +494,62 @@ def test_one_report_per_compile_beside_vllms_jit_monitor(
         assert [(e["event"], e["kind"]) for e in logs] == [("jit_compile_after_warmup", "dynamo")]
     finally:
         monitor.uninstall()
+
+
+def test_record_writes_each_served_batch_with_its_compiles(
+    plugin: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, current: Current
+) -> None:
+    """WARMPLAN_RECORD: after warmup every execute_model's scheduler output becomes a
+    batch-level trace line (decodes, prefill chunks with their computed context) with
+    the compiles the step caused; the trace loads with warmplan's trace reader."""
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+    from warmplan import vllm_plugin
+    from warmplan.monitor import CompileEvent
+    from warmplan.trace import load_trace_entries
+
+    monkeypatch.setenv("WARMPLAN_RECORD", str(tmp_path / "served-{rank}.jsonl"))
+    worker = worker_for(current)
+    vllm_plugin._arm_monitor(worker)
+    monitor = worker._warmplan_monitor
+    step = SchedulerOutput.make_empty()
+    step.scheduled_new_reqs = [
+        NewRequestData(
+            req_id="a",
+            prompt_token_ids=list(range(1500)),
+            mm_features=[],
+            sampling_params=SamplingParams(max_tokens=4),
+            pooling_params=None,
+            block_ids=([1],),
+            num_computed_tokens=1024,
+            lora_request=None,
+            prefill_token_ids=list(range(1500)),
+        )
+    ]
+    cached = CachedRequestData.make_empty()
+    cached.req_ids = ["b", "c"]
+    cached.num_computed_tokens = [40, 77]
+    step.scheduled_cached_reqs = cached
+    step.num_scheduled_tokens = {"a": 476, "b": 1, "c": 1}
+    step.total_num_scheduled_tokens = 478
+
+    def execute(scheduler_output: Any) -> None:
+        monitor.store.record(
+            CompileEvent(
+                kind="triton", name="_k", key="k", label=None, cache_hit=False, duration_s=0.2
+            )
+        )
+
+    try:
+        vllm_plugin.serving_step(worker, execute, (step,), {})
+        vllm_plugin.serving_step(worker, lambda so: None, (SchedulerOutput.make_empty(),), {})
+        worker._warmplan_recorder.close()
+    finally:
+        monitor.uninstall()
+    (entry,) = load_trace_entries(tmp_path / "served-0.jsonl")
+    assert (entry.batch.decode, [(c.tokens, c.context) for c in entry.batch.prefill]) == (
+        2,
+        [(476, 1024)],
+    )
+    assert [c.name for c in entry.compiles] == ["_k"]

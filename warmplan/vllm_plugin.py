@@ -30,6 +30,7 @@ running group (elastic EP) skips every step that would run collectives.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import importlib.abc
@@ -283,8 +284,11 @@ def _vllm_monitor_active() -> bool:
 
 
 def _arm_monitor(worker: Any) -> None:
+    """After the whole warmup: warmplan's JIT monitor (``WARMPLAN_JIT_MONITOR``) and
+    the recorder (``WARMPLAN_RECORD``), which needs the monitor's events too."""
     mode = _monitor_mode()
-    if mode == "off":
+    record = _record_settings()
+    if mode == "off" and record is None:
         return
     from warmplan.monitor import JitMonitor
 
@@ -297,14 +301,114 @@ def _arm_monitor(worker: Any) -> None:
     monitor.arm(mode)  # type: ignore[arg-type]
     worker._warmplan_monitor = monitor
     worker._warmplan_steps = 0
-    log.info("warmplan.vllm.jit_monitor", mode=mode, reported_by_vllm=list(quiet))
+    worker._warmplan_recorder = None if record is None else _open_recorder(worker, record)
+    log.info(
+        "warmplan.vllm.jit_monitor",
+        mode=mode,
+        reported_by_vllm=list(quiet),
+        recording=None if record is None else str(worker._warmplan_recorder.path),
+    )
+
+
+# -- recording what the worker serves ------------------------------------------------------
+
+RECORD_ENV = "WARMPLAN_RECORD"
+RECORD_SAMPLE_ENV = "WARMPLAN_RECORD_SAMPLE"
+RECORD_MAX_MB_ENV = "WARMPLAN_RECORD_MAX_MB"
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"{name} must be a whole number >= 1: {raw!r}")
+    return value
+
+
+def _record_settings(environ: Mapping[str, str] | None = None) -> tuple[str, int, int] | None:
+    """``(path template, sample every N, max MB)`` when ``WARMPLAN_RECORD`` is set."""
+    env = _env(environ)
+    path = env.get(RECORD_ENV)
+    if not path:
+        return None
+    return (
+        path,
+        _positive_int(env, RECORD_SAMPLE_ENV, 1),
+        _positive_int(env, RECORD_MAX_MB_ENV, 64),
+    )
+
+
+def _open_recorder(worker: Any, settings: tuple[str, int, int]) -> Any:
+    from warmplan.record import TraceRecorder
+    from warmplan.report import report_path
+    from warmplan.workers.vllm import VllmWorker
+
+    template, sample_every, max_mb = settings
+    adapter = VllmWorker(worker)
+    rank = adapter.world.rank
+    path = report_path(str(Path(template).expanduser()), rank)
+    recorder = TraceRecorder(
+        path,
+        sample_every=sample_every,
+        max_bytes=max_mb * 1024 * 1024,
+        header={"engine": "vllm", "rank": rank, "limits": adapter.limits.as_dict()},
+    )
+    atexit.register(recorder.close)
+    return recorder
+
+
+def scheduled_of(scheduler_output: Any) -> list[tuple[int, int]]:
+    """Each scheduled request's ``(new tokens, computed tokens)`` in a vLLM
+    ``SchedulerOutput``: new requests carry ``num_computed_tokens`` (a prefix-cache
+    hit), running ones their count in ``scheduled_cached_reqs``."""
+    scheduled = dict(getattr(scheduler_output, "num_scheduled_tokens", None) or {})
+    out: list[tuple[int, int]] = []
+    for request in getattr(scheduler_output, "scheduled_new_reqs", None) or ():
+        tokens = scheduled.pop(request.req_id, 0)
+        out.append((int(tokens), int(request.num_computed_tokens)))
+    cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+    for req_id, computed in zip(
+        getattr(cached, "req_ids", None) or (),
+        getattr(cached, "num_computed_tokens", None) or (),
+        strict=False,
+    ):
+        out.append((int(scheduled.pop(req_id, 0)), int(computed)))
+    return out
+
+
+def serving_step(worker: Any, run: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """One ``execute_model`` after warmup: attributed to ``serving step N`` for the
+    monitor; recorded with the compiles it caused when ``WARMPLAN_RECORD`` is set."""
+    monitor = getattr(worker, "_warmplan_monitor", None)
+    if monitor is None:
+        return run(*args, **kwargs)
+    step = worker._warmplan_steps = getattr(worker, "_warmplan_steps", 0) + 1
+    recorder = getattr(worker, "_warmplan_recorder", None)
+    before = len(monitor.events) if recorder is not None else 0
+    try:
+        with monitor.attribute(f"serving step {step}"):
+            return run(*args, **kwargs)
+    finally:
+        if recorder is not None:
+            scheduler_output = args[0] if args else kwargs.get("scheduler_output")
+            from warmplan.record import batch_of
+
+            batch = batch_of(scheduled_of(scheduler_output))
+            if batch.num_tokens:
+                recorder.record_batch(batch, compiles=monitor.events[before:], step=step)
 
 
 def _wrap_worker_class(worker_cls: Any) -> None:
     """Arm warmplan's JIT monitor once a worker's whole warmup is over (kernel warmup
     *and* CUDA-graph capture, which compiles too), and watch every ``execute_model``:
     ``warn`` logs each compile while serving, ``error`` raises at the end of the step
-    that compiled (``JitCompileError``, naming the kernel and its key)."""
+    that compiled (``JitCompileError``, naming the kernel and its key); with
+    ``WARMPLAN_RECORD``, each step's batch is written to a trace with its compiles."""
     warm = getattr(worker_cls, "compile_or_warm_up_model", None)
     if callable(warm) and not getattr(warm, "__warmplan_wrapped__", False):
 
@@ -321,12 +425,7 @@ def _wrap_worker_class(worker_cls: Any) -> None:
 
         @functools.wraps(run)
         def execute_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-            monitor = getattr(self, "_warmplan_monitor", None)
-            if monitor is None:
-                return run(self, *args, **kwargs)
-            step = self._warmplan_steps = getattr(self, "_warmplan_steps", 0) + 1
-            with monitor.attribute(f"serving step {step}"):
-                return run(self, *args, **kwargs)
+            return serving_step(self, functools.partial(run, self), args, kwargs)
 
         execute_model.__warmplan_wrapped__ = True  # type: ignore[attr-defined]
         worker_cls.execute_model = execute_model
@@ -390,10 +489,10 @@ def register() -> None:
     """
     global _registered
     settings = _settings()
-    _monitor_mode()
-    if settings is None:
+    watching = _monitor_mode() != "off" or _record_settings() is not None
+    if settings is None and not watching:
         return
-    if settings[1] == "replace":
+    if settings is not None and settings[1] == "replace":
         try:
             module = importlib.import_module(KERNEL_WARMUP_MODULE)
         except ImportError as exc:
@@ -413,7 +512,11 @@ def register() -> None:
                 _patch_module(loaded)
         if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
             sys.meta_path.insert(0, _PatchOnImport(names))
-    log.info("warmplan.vllm.registered", plan=settings[0], mode=settings[1])
+    log.info(
+        "warmplan.vllm.registered",
+        plan=None if settings is None else settings[0],
+        mode=None if settings is None else settings[1],
+    )
 
 
 def _unregister_for_tests() -> None:
