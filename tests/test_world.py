@@ -10,6 +10,7 @@ import pytest
 from warmplan import world as world_module
 from warmplan.testing import ThreadWorld
 from warmplan.world import (
+    LaunchError,
     LocalWorld,
     World,
     WorldError,
@@ -43,7 +44,7 @@ def test_launched(env: dict[str, str], expected: bool) -> None:
 
 def test_bad_world_size_is_named() -> None:
     """A non-integer WORLD_SIZE is an error that repeats the value."""
-    with pytest.raises(WorldError, match="WORLD_SIZE must be an integer: 'two'"):
+    with pytest.raises(LaunchError, match=r"^WORLD_SIZE must be a non-negative integer: 'two'$"):
         launched({"WORLD_SIZE": "two"})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from warmplan import __version__
 from warmplan.commands import plan_cmd, record, run_cmd, schema_cmd, suggest, validate
@@ -26,8 +27,18 @@ def _verify_module() -> object | None:
     return verify
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is a user error (exit 1, as the README says), not
+    exit 2, which means a step failed: a supervisor that retries on 2 would retry a
+    typo forever."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--log-format",
         choices=["console", "json"],
@@ -37,13 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info"
     )
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="warmplan",
         description="Declarative kernel warmup plans for LLM inference workers.",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"warmplan {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     _Sub.common = common
     wrapped = _Sub(sub)
     modules: list[object] = list(COMMANDS)

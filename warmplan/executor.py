@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from warmplan.errors import StepError, WarmplanError
+from warmplan.errors import StepError, UserError, WarmplanError
 from warmplan.fsutil import default_cache_root
 from warmplan.log import Logger, get_logger
 from warmplan.monitor import JitMonitor, Monitor, MonitorMode, NoMonitor
@@ -53,6 +53,21 @@ def resolve_for(plan: Plan, worker: Worker, cache_root: str | None = None) -> Re
 ProgressHook = Callable[[int, int, ResolvedStep, str], None]
 
 
+def check_fits(plan: Plan, resolved: ResolvedPlan, worker: Worker) -> None:
+    """Before any step runs: a worker that can tell (an optional ``check_fits(steps)``
+    raising ``ValueError``, as the built-in engine has) says whether the resolved
+    steps' batches fit its configuration. A ``UserError`` naming the plan, the step
+    and the field to change, in well under a second, instead of a failure after
+    minutes of compiling."""
+    check = getattr(worker, "check_fits", None)
+    if check is None:
+        return
+    try:
+        check(resolved.steps)
+    except ValueError as exc:
+        raise UserError(f"{plan.path or plan.name}: {exc}") from None
+
+
 def run_plan(
     plan: Plan,
     worker: Worker,
@@ -73,6 +88,7 @@ def run_plan(
     """
     started = time.perf_counter()
     resolved = resolve_for(plan, worker, cache_root)
+    check_fits(plan, resolved, worker)
     world = worker.world
     info = worker.describe()
     report = Report(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from warmplan.errors import UserError
+from warmplan.fsutil import default_cache_root
 from warmplan.plan import Plan, load_plan
 
 
@@ -58,6 +59,16 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
     """Build the worker the command runs on (the built-in engine)."""
     config = {**plan.builtin, **read_model_config(getattr(args, "model_config", None))}
     device = getattr(args, "device", "auto")
+    source = "the plan's builtin block" + (
+        f" and {args.model_config}" if getattr(args, "model_config", None) else ""
+    )
+    from warmplan.world import launch_env
+
+    launch_env()  # a bad RANK or WORLD_SIZE is named before anything is imported or built
+    try:
+        preflight(plan, config, device, getattr(args, "cache_root", None))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{plan.path}: builtin: {exc} (from {source})") from None
     import warnings
 
     # torch warns at import when numpy is absent; warmplan never needs numpy.
@@ -73,13 +84,54 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
     from warmplan.workers.builtin import build_worker
     from warmplan.world import current_world
 
-    source = "the plan's builtin block" + (
-        f" and {args.model_config}" if getattr(args, "model_config", None) else ""
-    )
+    world = current_world(timeout_s=join_timeout(plan))
     try:
-        return build_worker(config, device=device, world=current_world())
+        return build_worker(config, device=device, world=world)
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"{plan.path}: builtin: {exc} (from {source})") from None
+
+
+def join_timeout(plan: Plan) -> float:
+    """How long this rank waits to join its peers: the longest wait the plan allows
+    (its autotune steps' and shared compile caches' ``timeout_s``), else the default."""
+    from warmplan.autotune import DEFAULT_TIMEOUT_S
+    from warmplan.steps.autotune import AutotuneStep
+
+    waits = [s.cache.timeout_s for s in plan.steps if isinstance(s, AutotuneStep)]
+    if plan.compile_cache.share:
+        waits.append(plan.compile_cache.timeout_s)
+    return max(waits, default=DEFAULT_TIMEOUT_S)
+
+
+def preflight(plan: Plan, config: Mapping[str, Any], device: str, cache_root: str | None) -> None:
+    """Before the engine is built (seconds) or a step runs (minutes): resolve the plan
+    against the limits and facts of the engine ``config`` describes, and check that
+    every batch it will run fits that engine (``ValueError`` naming the step and the
+    field to change). The same check runs again in the executor."""
+    from warmplan.resolve import resolve
+    from warmplan.steps.base import CacheContext
+    from warmplan.workers.base import Limits
+    from warmplan.workers.builtin.config import EngineConfig, check_steps, facts_for
+
+    data = dict(config)
+    if device != "auto":
+        data["device"] = device
+    engine = EngineConfig.from_mapping(data)
+    if engine.device == "cpu":  # known without importing torch (seconds)
+        facts = facts_for(engine, "cpu", None)
+    else:
+        from warmplan.workers.builtin.worker import facts_of
+
+        facts = facts_of(engine)
+    limits = Limits(
+        max_num_tokens=engine.max_num_tokens,
+        max_num_batched_tokens=engine.max_num_batched_tokens,
+        max_num_seqs=engine.max_num_seqs,
+    )
+    resolved = resolve(
+        plan, limits, facts, CacheContext(cache_root=cache_root or default_cache_root())
+    )
+    check_steps(engine, resolved.steps)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

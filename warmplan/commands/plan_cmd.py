@@ -87,6 +87,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.world_size < 1:
+        raise UserError(f"--world-size: expected an integer >= 1, found {args.world_size}")
+    if args.rank >= args.world_size:
+        raise UserError(
+            f"--rank: expected a rank below --world-size ({args.world_size}), found {args.rank}"
+        )
     plan = load_plan_or_exit(args.file)
     flags: dict[str, bool] = {}
     for name, value in args.flag:

@@ -16,7 +16,8 @@ from warmplan.commands._common import (
     print_table,
     tokens_text,
 )
-from warmplan.errors import StepError
+from warmplan.errors import StepError, UserError
+from warmplan.fsutil import check_writable
 from warmplan.report import report_path
 
 
@@ -50,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan_or_exit(args.plan)
     worker = make_worker(args, plan)
     rank = worker.world.rank
+    if args.report:
+        # Before the warmup, so that its result is not lost to a bad path at the end.
+        target = report_path(args.report, rank)
+        why = check_writable(target)
+        if why is not None:
+            raise UserError(f"--report {target}: cannot write the report there: {why}")
     show = args.log_format == "console" and rank == 0
     with _progress(enabled=show and not args.no_progress and sys.stderr.isatty()) as hook:
         try:
@@ -63,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
         except StepError as exc:
             partial = exc.report
             if args.report and partial is not None:
-                partial.write(report_path(args.report, rank))
+                try:
+                    partial.write(report_path(args.report, rank))
+                except UserError as lost:
+                    # The step's failure is the news (exit 2); the lost report is a note.
+                    print(f"warmplan: warning: {lost}", file=sys.stderr)
             raise
     if args.report:
         report.write(report_path(args.report, rank))

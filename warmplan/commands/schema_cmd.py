@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from warmplan.errors import UserError
 from warmplan.schema import SCHEMA_ID, schema_text
 
 
@@ -27,7 +28,12 @@ def run(args: argparse.Namespace) -> int:
     if args.write:
         from warmplan.fsutil import atomic_write
 
-        atomic_write(Path(args.write), text.encode())
+        try:
+            atomic_write(Path(args.write), text.encode())
+        except OSError as exc:
+            raise UserError(
+                f"--write {args.write}: cannot write the schema: {exc.strerror or exc}"
+            ) from None
         print(f"wrote {args.write}")
         return 0
     path = repo_schema_path()

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
+
+from warmplan.errors import UserError, WarmplanError
 
 DEFAULT_TIMEOUT_S = 600.0  # how long ranks wait for each other unless a plan says otherwise
 
@@ -28,6 +31,44 @@ class WorldError(RuntimeError):
 
 class WorldTimeout(WorldError):
     """A collective did not complete within its timeout."""
+
+
+class LaunchError(UserError):
+    """The launcher's variables (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
+    ``MASTER_PORT``) do not describe a world: exit 1, naming the variable."""
+
+
+class JoinError(WorldTimeout, WarmplanError):
+    """This rank could not join the process group within its timeout (a master that
+    never started, a peer that never came): exit 2, like a failed step."""
+
+    exit_code = 2
+
+
+def launch_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from the launcher's variables, checked:
+    integers, ``0 <= rank < world_size``, ``local_rank >= 0``; ``LaunchError``
+    naming the variable otherwise. Unset variables mean a single process."""
+    e = os.environ if env is None else env
+
+    def number(name: str, default: str) -> int:
+        raw = e.get(name, default)
+        if not re.fullmatch(r"\s*[0-9]{1,9}\s*", raw):
+            raise LaunchError(f"{name} must be a non-negative integer: {raw!r}")
+        return int(raw)
+
+    world_size = number("WORLD_SIZE", "1")
+    if world_size < 1:
+        raise LaunchError(f"WORLD_SIZE must be >= 1: {world_size}")
+    rank = number("RANK", "0")
+    local_rank = number("LOCAL_RANK", "0")
+    if rank >= world_size:
+        raise LaunchError(f"RANK must be < WORLD_SIZE ({world_size}): {rank}")
+    if world_size > 1 and "MASTER_PORT" in e:
+        port = number("MASTER_PORT", "0")
+        if not 0 < port < 65536:
+            raise LaunchError(f"MASTER_PORT must be from 1 to 65535: {port}")
+    return rank, local_rank, world_size
 
 
 def ranks_text(ranks: Iterable[int]) -> str:
@@ -107,12 +148,9 @@ _current: World | None = None
 
 
 def launched(env: Mapping[str, str] | None = None) -> bool:
-    """Whether a launcher (torchrun, a job scheduler) started more than one rank."""
-    e = os.environ if env is None else env
-    try:
-        return int(e.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        raise WorldError(f"WORLD_SIZE must be an integer: {e.get('WORLD_SIZE')!r}") from None
+    """Whether a launcher (torchrun, a job scheduler) started more than one rank;
+    ``LaunchError`` when its variables are not a world."""
+    return launch_env(env)[2] > 1
 
 
 def current_world(*, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:

@@ -25,7 +25,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from warmplan.world import WorldError, WorldTimeout, collective_failure, ranks_text
+from warmplan.world import (
+    JoinError,
+    WorldError,
+    collective_failure,
+    launch_env,
+    ranks_text,
+)
 
 T = TypeVar("T")
 
@@ -57,18 +63,21 @@ class TorchWorld:
     def from_env(cls, *, timeout_s: float, env: Mapping[str, str] | None = None) -> TorchWorld:
         """Initialise the default group from the launcher's environment (``env://``)."""
         e = os.environ if env is None else env
-        local_rank = int(e.get("LOCAL_RANK", "0"))
+        rank, local_rank, world_size = launch_env(e)
         if not dist.is_initialized():
             on_cuda = torch.cuda.is_available()
             backend = "cuda:nccl,cpu:gloo" if on_cuda else "gloo"
             if on_cuda:
                 torch.cuda.set_device(local_rank)
+            start = time.monotonic()
             try:
                 dist.init_process_group(backend=backend, timeout=_td(timeout_s))
             except Exception as exc:
-                raise WorldTimeout(
-                    f"could not join the process group (rank {e.get('RANK')!r} of "
-                    f"{e.get('WORLD_SIZE')!r}, master {e.get('MASTER_ADDR')}:{e.get('MASTER_PORT')}): {exc}"
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise JoinError(
+                    f"rank {rank} of {world_size} could not join the process group at "
+                    f"{e.get('MASTER_ADDR')}:{e.get('MASTER_PORT')} within "
+                    f"{time.monotonic() - start:.1f}s (timeout {timeout_s:g}s): {text}"
                 ) from exc
         gloo = None
         if dist.get_backend() != "gloo":
@@ -113,9 +122,10 @@ class TorchWorld:
             return fn()
         except Exception as exc:
             elapsed = time.monotonic() - start
-            if src is not None:
+            if src is not None and src != self._rank:
                 waited = ranks_text([src])
             else:
+                # The source itself waits for the others: name those that never came.
                 missing = self._missing(key)
                 if missing is None:
                     waited = "rank 0 (the rendezvous store is unreachable)"

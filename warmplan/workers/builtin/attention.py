@@ -24,12 +24,11 @@ from typing import Final
 import torch
 import torch.nn.functional as F
 
-DENSE_BACKEND: Final = "BUILTIN_PAGED_GQA"
-SPARSE_MLA_BACKEND: Final = "BUILTIN_SPARSE_MLA"
-ATTENTION_BACKENDS: Final[dict[str, str]] = {
-    "dense": DENSE_BACKEND,
-    "sparse-mla": SPARSE_MLA_BACKEND,
-}
+# The names live in the torch-free config, so a plan resolves without torch.
+from warmplan.workers.builtin.config import ATTENTION_BACKENDS as ATTENTION_BACKENDS
+from warmplan.workers.builtin.config import DENSE_BACKEND as DENSE_BACKEND
+from warmplan.workers.builtin.config import SPARSE_MLA_BACKEND as SPARSE_MLA_BACKEND
+
 ATTENTION_IMPLS: Final[tuple[str, ...]] = ("sdpa", "matmul")
 DEFAULT_IMPL: Final = "sdpa"
 

@@ -9,9 +9,12 @@ This module never imports torch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
+
+from warmplan.workers.base import Facts
 
 Preset = Literal["dense", "sparse-mla"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -21,6 +24,12 @@ PRESETS: Final[tuple[str, ...]] = ("dense", "sparse-mla")
 DTYPES: Final[tuple[str, ...]] = ("auto", "float32", "bfloat16", "float16")
 DEVICES: Final[tuple[str, ...]] = ("auto", "cpu", "cuda")
 GEMM_BACKENDS: Final[tuple[str, ...]] = ("auto", "torch", "flashinfer")
+DENSE_BACKEND: Final = "BUILTIN_PAGED_GQA"
+SPARSE_MLA_BACKEND: Final = "BUILTIN_SPARSE_MLA"
+ATTENTION_BACKENDS: Final[dict[str, str]] = {
+    "dense": DENSE_BACKEND,
+    "sparse-mla": SPARSE_MLA_BACKEND,
+}
 
 
 def _pos_int(maximum: int) -> dict[str, Any]:
@@ -213,9 +222,8 @@ class EngineConfig:
 
     @property
     def attention_backend(self) -> str:
-        from warmplan.workers.builtin.attention import backend_name
-
-        return backend_name(self.preset)
+        """The attention backend name the engine reports (``facts.attention_backends``)."""
+        return ATTENTION_BACKENDS[self.preset]
 
 
 # --------------------------------------------------------------------------- before any work
@@ -283,6 +291,55 @@ def check_batch(config: EngineConfig, what: str, specs: list[Spec]) -> None:
             f"{what} needs {need} KV cache blocks of {c.block_size} ({new} new + {cached} cached "
             f'tokens), the pool holds {pool}; raise "num_blocks" to at least {need + 1}'
         )
+
+
+def facts_for(config: EngineConfig, platform: str, capability: tuple[int, int] | None) -> Facts:
+    """The facts an engine of ``config`` reports on ``platform`` (torch-free, so that a
+    plan can be resolved against them before torch is imported)."""
+    return Facts(
+        platform=platform,
+        device_capability=capability,
+        attention_backends=(config.attention_backend,),
+        pooling=False,
+        flags={},
+        env=dict(os.environ),
+    )
+
+
+class _ResolvedStep(Protocol):
+    """What ``check_steps`` reads of a resolved step (``warmplan.steps.base.ResolvedStep``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def applied(self) -> tuple[int, ...]: ...
+    @property
+    def skipped(self) -> str | None: ...
+    def forward(self) -> tuple[Any, int]: ...
+
+
+def check_steps(config: EngineConfig, steps: Iterable[_ResolvedStep]) -> None:
+    """Raise ``ValueError`` naming the step and the config field to change when a
+    resolved step's batches cannot run on an engine of ``config`` (``check_batch``
+    for every applied count of every step that runs). Arithmetic only: it runs before
+    the engine is built."""
+    for rstep in steps:
+        if rstep.skipped is not None:
+            continue
+        shape, prior = rstep.forward()
+        for n in rstep.applied:
+            if shape is not None:
+                specs = dummy_specs(config, shape, n, prior)
+                what = f"step {rstep.id!r} ({shape} of {n} tokens" + (
+                    f" after {prior} cached)" if prior else ")"
+                )
+            elif rstep.kind == "slot_mapping":
+                specs, what = [(n, 0, False)], f"step {rstep.id!r} (slot mapping of {n} tokens)"
+            else:
+                continue
+            check_batch(config, what, specs)
 
 
 _GB: Final = 1e9

@@ -25,9 +25,9 @@ from warmplan.workers.builtin.autotune import (
 )
 from warmplan.workers.builtin.config import (
     EngineConfig,
-    check_batch,
     check_memory,
-    dummy_specs,
+    check_steps,
+    facts_for,
 )
 from warmplan.workers.builtin.runner import ModelRunner
 
@@ -79,28 +79,11 @@ class BuiltinWorker:
 
     @property
     def limits(self) -> Limits:
-        c = self.config
-        return Limits(
-            max_num_tokens=c.max_num_tokens,
-            max_num_batched_tokens=c.max_num_batched_tokens,
-            max_num_seqs=c.max_num_seqs,
-        )
+        return limits_of(self.config)
 
     @property
     def facts(self) -> Facts:
-        device = self.runner.device
-        capability = None
-        if device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(device)
-            capability = (major, minor)
-        return Facts(
-            platform=device.type,
-            device_capability=capability,
-            attention_backends=(self.config.attention_backend,),
-            pooling=False,
-            flags={},
-            env=dict(os.environ),
-        )
+        return facts_of(self.config, self.runner.device)
 
     @property
     def world(self) -> World:
@@ -160,27 +143,35 @@ class BuiltinWorker:
 
     def check_fits(self, steps: Sequence[ResolvedStep]) -> None:
         """Raise ``ValueError`` naming the step and the config field to change when a
-        step's applied batches cannot run on this engine (``config.check_batch``):
-        arithmetic on the resolved plan, before the first step runs."""
-        for rstep in steps:
-            if rstep.skipped is not None:
-                continue
-            shape, prior = rstep.forward()
-            for n in rstep.applied:
-                if shape is not None:
-                    specs = dummy_specs(self.config, shape, n, prior)
-                    what = f"step {rstep.id!r} ({shape} of {n} tokens" + (
-                        f" after {prior} cached)" if prior else ")"
-                    )
-                elif rstep.kind == "slot_mapping":
-                    specs, what = [(n, 0, False)], f"step {rstep.id!r} (slot mapping of {n} tokens)"
-                else:
-                    continue
-                check_batch(self.config, what, specs)
+        step's applied batches cannot run on this engine (``config.check_steps``)."""
+        check_steps(self.config, steps)
 
     def padded_num_tokens(self, num_tokens: int) -> int:
         """The compile size a batch of ``num_tokens`` runs at (for ``verify --suggest``)."""
         return self.runner.padded_size(num_tokens)
+
+
+def limits_of(config: EngineConfig) -> Limits:
+    """The limits an engine of ``config`` reports (no engine needed)."""
+    return Limits(
+        max_num_tokens=config.max_num_tokens,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+    )
+
+
+def facts_of(config: EngineConfig, device: torch.device | None = None) -> Facts:
+    """The facts an engine of ``config`` on ``device`` reports (no engine needed:
+    a plan can be resolved against them before the engine is built)."""
+    if device is None:
+        from warmplan.workers.builtin.runner import resolve_device
+
+        device = resolve_device(config.device)
+    capability = None
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        capability = (major, minor)
+    return facts_for(config, device.type, capability)
 
 
 def _check_memory(config: EngineConfig) -> None:
