@@ -76,6 +76,10 @@ def _chat(rng: random.Random, count: int, max_model_len: int) -> list[TraceReque
             name, history, turns = f"chat-{next_id}", SYSTEM_PROMPT, 0
             next_id += 1
             prompt = history + user
+        if prompt + output > max_model_len:  # a small worker: shorten this turn to fit
+            prompt = max(1, min(prompt, max_model_len // 2))
+            output = max(1, min(output, max_model_len - prompt))
+            history = min(history, prompt - 1)
         # The first turn hits the shared system prompt once another request has cached it.
         cached = history if turns or out else 0
         cached -= cached % BLOCK
