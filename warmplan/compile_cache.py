@@ -21,6 +21,7 @@ import getpass
 import io
 import os
 import re
+import stat
 import sys
 import tarfile
 import tempfile
@@ -96,22 +97,53 @@ def cache_dirs() -> dict[str, str]:
     return dirs
 
 
-def pack(dirs: dict[str, str]) -> bytes:
-    """A tarball (uncompressed, in memory) of regular files under ``dirs``."""
+# The shared directories are per user and host, not per model (/tmp/torchinductor_$USER
+# by default), so they can hold gigabytes of other work; every rank holds the tarball
+# in memory a few times over. Only files a compile cache plausibly holds are sent, the
+# newest first, within a total.
+MAX_SHARE_BYTES = 512 * 1024 * 1024
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+def pack(
+    dirs: dict[str, str],
+    *,
+    max_bytes: int = MAX_SHARE_BYTES,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    skipped: list[str] | None = None,
+) -> bytes:
+    """A tarball (uncompressed, in memory) of regular files under ``dirs``: none
+    larger than ``max_file_bytes``, the newest first until ``max_bytes``; the paths
+    left out are appended to ``skipped``."""
+    found: list[tuple[float, int, str, str]] = []
+    for prefix, root in sorted(dirs.items()):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                if name.endswith(".tmp"):
+                    continue
+                with contextlib.suppress(OSError):  # a file removed while we walk
+                    st = os.lstat(full)
+                    if stat.S_ISREG(st.st_mode):
+                        arcname = f"{prefix}/{os.path.relpath(full, root)}"
+                        found.append((st.st_mtime, st.st_size, full, arcname))
+    chosen: list[tuple[str, str]] = []
+    total = 0
+    for _, size, full, arcname in sorted(found, key=lambda f: -f[0]):
+        if size > max_file_bytes or total + size > max_bytes:
+            if skipped is not None:
+                skipped.append(full)
+            continue
+        total += size
+        chosen.append((arcname, full))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for prefix, root in sorted(dirs.items()):
-            if not os.path.isdir(root):
-                continue
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    full = os.path.join(dirpath, name)
-                    if name.endswith(".tmp") or not os.path.isfile(full) or os.path.islink(full):
-                        continue
-                    rel = os.path.relpath(full, root)
-                    with contextlib.suppress(OSError):  # a file removed while we walk
-                        tar.add(full, arcname=f"{prefix}/{rel}", recursive=False)
+        for arcname, full in sorted(chosen):
+            with contextlib.suppress(OSError):  # a file removed since
+                tar.add(full, arcname=arcname, recursive=False)
     return buf.getvalue()
 
 
@@ -155,13 +187,19 @@ def unpack(data: bytes, dirs: dict[str, str]) -> int:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(src.read())
-                os.chmod(tmp, 0o644)
+                os.chmod(tmp, 0o666 & ~_umask())
                 os.replace(tmp, target)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
     return len(plan)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def share_compile_caches(
@@ -174,9 +212,10 @@ def share_compile_caches(
         return CompileShareOutcome(role="single", bytes=0, seconds=time.monotonic() - start)
     rank = world.rank
     if rank == 0:
+        skipped: list[str] = []
         try:
             leader_work()
-            data = pack(cache_dirs())
+            data = pack(cache_dirs(), skipped=skipped)
         except BaseException as exc:
             # Tell the followers before raising, so they fail fast instead of timing out.
             text = str(exc) or type(exc).__name__
@@ -189,6 +228,12 @@ def share_compile_caches(
             world.broadcast_bytes(_OK + data, src=0, timeout_s=timeout_s)
         except WorldError as exc:
             raise StepError(STEP_ID, f"sending compile caches: {exc}", rank=rank) from exc
+        if skipped:
+            log.warning(
+                "compile_cache.skipped",
+                files=len(skipped),
+                reason=f"larger than {MAX_FILE_BYTES} bytes, or past {MAX_SHARE_BYTES} in all",
+            )
         log.info("compile_cache.sent", bytes=len(data), seconds=round(time.monotonic() - start, 3))
         return CompileShareOutcome(role="leader", bytes=len(data), seconds=time.monotonic() - start)
     try:
