@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from warmplan.builtin_keys import config_json_schema
 from warmplan.steps import STEP_KINDS, STEPS
 from warmplan.steps.common import GATES, ID_PATTERN, obj, timeout
-from warmplan.workers.builtin.config import config_json_schema
 
 SCHEMA_ID = "https://warmplan.dev/schemas/plan.schema.json"
 
-# The built-in engine owns its config keys (warmplan/workers/builtin/config.py).
+# The built-in engine's config keys, as data (warmplan/builtin_keys.py, a leaf).
 BUILTIN: dict[str, Any] = {
     **config_json_schema(),
     "description": "The built-in engine's model preset and sizes when the plan runs there; ignored on other workers.",

@@ -1,9 +1,8 @@
 """EngineConfig: the built-in engine's configuration, typed and validated.
 
-``CONFIG_FIELDS`` is the single source of truth for the keys a plan's ``builtin``
-block may hold: each entry maps a key to ``(json_schema_snippet, description)``.
-``config_json_schema()`` turns it into the JSON Schema object the plan schema embeds.
-This module never imports torch.
+The keys a plan's ``builtin`` block may hold are data in ``warmplan.builtin_keys``
+(``CONFIG_FIELDS``, ``config_json_schema()``), a leaf the plan schema embeds too;
+``EngineConfig`` validates against the same entries. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -12,18 +11,37 @@ import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Protocol
 
+from warmplan.builtin_keys import (
+    CONFIG_FIELDS,
+    CONFIG_KEYS,
+    DEVICES,
+    DTYPES,
+    GEMM_BACKENDS,
+    PRESETS,
+    Device,
+    DType,
+    Preset,
+    config_json_schema,
+)
+from warmplan.builtin_keys import TOKENS as _TOKENS
 from warmplan.workers.base import Facts
 
-Preset = Literal["dense", "sparse-mla"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-Device = Literal["auto", "cpu", "cuda"]
+__all__ = [
+    "CONFIG_FIELDS",
+    "CONFIG_KEYS",
+    "DEVICES",
+    "DTYPES",
+    "GEMM_BACKENDS",
+    "PRESETS",
+    "DType",
+    "Device",
+    "EngineConfig",
+    "Preset",
+    "config_json_schema",
+]
 
-PRESETS: Final[tuple[str, ...]] = ("dense", "sparse-mla")
-DTYPES: Final[tuple[str, ...]] = ("auto", "float32", "bfloat16", "float16")
-DEVICES: Final[tuple[str, ...]] = ("auto", "cpu", "cuda")
-GEMM_BACKENDS: Final[tuple[str, ...]] = ("auto", "torch", "flashinfer")
 DENSE_BACKEND: Final = "BUILTIN_PAGED_GQA"
 SPARSE_MLA_BACKEND: Final = "BUILTIN_SPARSE_MLA"
 ATTENTION_BACKENDS: Final[dict[str, str]] = {
@@ -32,79 +50,8 @@ ATTENTION_BACKENDS: Final[dict[str, str]] = {
 }
 
 
-def _pos_int(maximum: int) -> dict[str, Any]:
-    """A positive integer up to ``maximum``: bounds far above any model this engine
-    stands in for, so that a typo fails validation instead of allocating."""
-    return {"type": "integer", "minimum": 1, "maximum": maximum}
-
-
-_WIDTH: Final = _pos_int(1 << 16)  # widths and per-head sizes
-_HEADS: Final = _pos_int(1024)
-_TOKENS: Final = _pos_int(1 << 24)  # token counts, as a plan's (warmplan.steps.common)
-
-CONFIG_FIELDS: Final[dict[str, tuple[dict[str, Any], str]]] = {
-    "preset": (
-        {"enum": list(PRESETS)},
-        "Model family: dense GQA paged attention or DeepSeek-style sparse MLA.",
-    ),
-    "num_layers": (_pos_int(1024), "Number of decoder layers."),
-    "hidden_size": (_WIDTH, "Model (residual stream) width."),
-    "num_heads": (_HEADS, "Attention query heads."),
-    "num_kv_heads": (_HEADS, "Key/value heads (dense preset; must divide num_heads)."),
-    "head_dim": (_pos_int(1024), "Per-head width of queries and values (even, for RoPE)."),
-    "intermediate_size": (_pos_int(1 << 18), "MLP hidden width."),
-    "vocab_size": (_pos_int(1 << 20), "Vocabulary size."),
-    "dtype": (
-        {"enum": list(DTYPES)},
-        "Weight/activation dtype; auto = float32 on CPU, bfloat16 on CUDA.",
-    ),
-    "device": ({"enum": list(DEVICES)}, "Where the engine runs; auto = cuda when available."),
-    "block_size": (_pos_int(1024), "Tokens per KV-cache block."),
-    "num_blocks": (
-        _TOKENS,
-        "KV-cache blocks in the pool (block 0 is the null block padding writes to).",
-    ),
-    "max_model_len": (_TOKENS, "Longest sequence (context + new tokens) a request may have."),
-    "max_num_tokens": (
-        _TOKENS,
-        "Most tokens in one forward pass (slot-mapping warmup clamps to it).",
-    ),
-    "max_num_batched_tokens": (_TOKENS, "Most tokens the scheduler batches in one step."),
-    "max_num_seqs": (_pos_int(1 << 16), "Most requests in one step."),
-    "compile_sizes": (
-        {"type": "array", "items": _TOKENS, "maxItems": 1024, "uniqueItems": True},
-        "Static-shape graph sizes; a batch is padded up to the next one, larger batches use the dynamic graph.",
-    ),
-    "seed": (
-        {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1},
-        "Seed the weights are drawn from (no downloads).",
-    ),
-    "gemm_backend": (
-        {"enum": list(GEMM_BACKENDS)},
-        "MLP matrix products: torch, or FlashInfer's mm_bf16 (cuBLASLt, autotunable; CUDA and bfloat16 only); auto = flashinfer where it can run.",
-    ),
-    "kv_lora_rank": (_WIDTH, "sparse-mla: width of the compressed latent KV cached per token."),
-    "qk_rope_head_dim": (_pos_int(1024), "sparse-mla: rotary part of each query/key (even)."),
-    "index_topk": (_TOKENS, "sparse-mla: cached tokens the indexer keeps per query."),
-    "index_head_dim": (_pos_int(1024), "sparse-mla: width of the indexer's keys and queries."),
-    "index_num_heads": (_HEADS, "sparse-mla: indexer heads whose weighted scores are summed."),
-}
-
-CONFIG_KEYS: Final[dict[str, str]] = {key: desc for key, (_, desc) in CONFIG_FIELDS.items()}
-
 # Keys that do not change what a kernel computes or how it is tuned.
 _FINGERPRINT_EXCLUDED: Final[frozenset[str]] = frozenset({"device", "seed"})
-
-
-def config_json_schema() -> dict[str, Any]:
-    """The JSON Schema of a ``builtin`` config mapping (unknown keys rejected)."""
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            key: {**snippet, "description": desc} for key, (snippet, desc) in CONFIG_FIELDS.items()
-        },
-    }
 
 
 def _default_compile_sizes() -> tuple[int, ...]:
