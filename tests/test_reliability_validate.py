@@ -3,6 +3,8 @@ numbers YAML can hold but a plan cannot use); each message pinned whole."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from warmplan.errors import PlanError
@@ -147,3 +149,32 @@ def test_builtin_sizes_are_bounded() -> None:
     assert problems(text) == [
         "p.yaml:3:23: builtin.vocab_size: expected an integer <= 1048576, found 99999999999999"
     ]
+
+
+def test_dev_zero_as_a_plan_is_refused_without_reading_it_all() -> None:
+    """`validate /dev/zero` (probe M2) reads at most the limit and says so."""
+    from warmplan.plan import load_plan
+
+    with pytest.raises(PlanError) as info:
+        load_plan(Path("/dev/zero"))
+    assert info.value.problems == [
+        "/dev/zero: more than 4194304 bytes; plans are limited to 4194304 bytes"
+    ]
+
+
+def test_large_plan_without_aliases_is_not_blamed_on_aliases() -> None:
+    """200001 plain values (probe M5) are too many, and no alias is mentioned."""
+    text = HEAD + "  - {id: s, kind: slot_mapping, tokens: [" + "1," * 200001 + "1]}\n"
+    assert problems(text)[0].endswith(
+        ": the document expands to more than 200000 values; plans must be small and explicit"
+    )
+
+
+def test_alias_bomb_is_still_named() -> None:
+    """A billion-laughs file still fails fast, naming aliases."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 8)]
+    assert problems("\n".join(lines) + "\n")[0].endswith(
+        ": the document expands to more than 200000 values (aliases referring to aliases?); "
+        "plans must be small and explicit"
+    )

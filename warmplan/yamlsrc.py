@@ -130,6 +130,8 @@ _DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 class _Builder:
     def __init__(self) -> None:
         self.nodes = 0
+        self.aliased = False
+        self.collections: set[int] = set()
         c = yaml.constructor.SafeConstructor()
         # Direct scalar constructors by resolved tag: the same rules as safe_load, without
         # its per-node bookkeeping.
@@ -140,6 +142,13 @@ class _Builder:
             "tag:yaml.org,2002:bool": c.construct_yaml_bool,
             "tag:yaml.org,2002:null": c.construct_yaml_null,
         }
+
+    def _seen(self, node: yaml.Node) -> None:
+        # An alias is the same node object built again: only then can a small file
+        # expand to many values.
+        if id(node) in self.collections:
+            self.aliased = True
+        self.collections.add(id(node))
 
     def build(self, node: yaml.Node, depth: int) -> Any:
         self.nodes += 1
@@ -157,9 +166,10 @@ class _Builder:
             if tag == _INT and _DECIMAL.fullmatch(node.value):
                 return int(node.value)
         if self.nodes > MAX_NODES:
+            why = " (aliases referring to aliases?)" if self.aliased else ""
             raise YamlError(
-                f"the document expands to more than {MAX_NODES} values "
-                "(aliases referring to aliases?); plans must be small and explicit",
+                f"the document expands to more than {MAX_NODES} values{why}; "
+                "plans must be small and explicit",
                 _mark(node),
             )
         if depth > MAX_DEPTH:
@@ -172,6 +182,7 @@ class _Builder:
                 _mark(node),
             )
         if isinstance(node, yaml.MappingNode):
+            self._seen(node)
             out: dict[str, Any] = {}
             first: dict[str, yaml.Node] = {}
             for key_node, value_node in node.value:
@@ -189,6 +200,7 @@ class _Builder:
                 out[key] = self.build(value_node, depth + 1)
             return out
         if isinstance(node, yaml.SequenceNode):
+            self._seen(node)
             return [self.build(item, depth + 1) for item in node.value]
         if isinstance(node, yaml.ScalarNode):
             return self.scalar[node.tag](node)

@@ -54,11 +54,20 @@ def read_source(path: str | os.PathLike[str]) -> str:
     if p.is_dir():
         raise PlanError([f"{name}: is a directory, expected a plan file (.yaml)"])
     try:
-        raw = p.read_bytes()
+        # Never more than the limit is read: /dev/zero or a huge file is refused, not
+        # loaded into memory. A FIFO without a writer reads as empty, not a hang.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            os.set_blocking(fd, True)
+            raw = f.read(MAX_PLAN_BYTES + 1)
     except OSError as exc:
         raise PlanError([f"{name}: cannot read: {exc.strerror}"]) from None
     if len(raw) > MAX_PLAN_BYTES:
-        raise PlanError([f"{name}: {len(raw)} bytes; plans are limited to {MAX_PLAN_BYTES} bytes"])
+        raise PlanError(
+            [
+                f"{name}: more than {MAX_PLAN_BYTES} bytes; plans are limited to {MAX_PLAN_BYTES} bytes"
+            ]
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
