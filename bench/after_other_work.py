@@ -37,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
-    from warmplan.commands._common import load_plan_or_exit
     from warmplan.executor import run_plan
     from warmplan.log import configure
+    from warmplan.plan import load_plan
     from warmplan.workers.base import Batch
     from warmplan.workers.builtin import build_worker
 
     configure("console", "warning")
-    plan = load_plan_or_exit(args.plan)
+    plan = load_plan(Path(args.plan))
     config = dict(plan.builtin)
     if args.device == "auto":
         config.pop("device", None)

@@ -60,11 +60,19 @@ Shape = dict[str, Any]  # {"step", "kind", "shape", "tokens", "prior_context", "
 
 def _make_worker(spec: dict[str, Any]) -> tuple[Any, Any]:
     """The plan and a built-in engine for it, as ``warmplan run`` builds them (one rank)."""
-    from warmplan.commands._common import load_plan_or_exit, read_model_config
+    from warmplan.diagnostics import validate_text
+    from warmplan.plan import load_plan
+    from warmplan.schema import BUILTIN
     from warmplan.workers.builtin import build_worker
 
-    plan = load_plan_or_exit(spec["plan"])
-    config = {**plan.builtin, **read_model_config(spec.get("model_config"))}
+    plan = load_plan(Path(spec["plan"]))
+    model_config = spec.get("model_config")
+    extra = (
+        validate_text(BUILTIN, Path(model_config).read_text(encoding="utf-8"), file=model_config)
+        if model_config
+        else {}
+    )
+    config = {**plan.builtin, **extra}
     if spec["device"] == "auto":
         config.pop("device", None)
     return plan, build_worker(config, device=spec["device"])

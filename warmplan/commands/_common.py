@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from warmplan.builtin_keys import DEVICES
 from warmplan.errors import UserError
 from warmplan.fsutil import default_cache_root
 from warmplan.plan import Plan, load_plan
@@ -24,7 +25,7 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--device",
-        choices=["auto", "cpu", "cuda"],
+        choices=DEVICES,
         default="auto",
         help="device for the built-in engine (auto: cuda when available)",
     )

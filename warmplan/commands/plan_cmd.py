@@ -12,6 +12,7 @@ from warmplan.commands._common import load_plan_or_exit, print_json, print_table
 from warmplan.errors import UserError
 from warmplan.fsutil import default_cache_root
 from warmplan.resolve import CacheContext, arch_of, resolve
+from warmplan.steps.common import PLATFORMS
 from warmplan.workers.base import Facts, Limits
 
 
@@ -47,7 +48,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--max-num-tokens", type=_positive, required=True, metavar="N")
     p.add_argument("--max-num-batched-tokens", type=_positive, required=True, metavar="M")
     p.add_argument("--max-num-seqs", type=_positive, default=256, metavar="S")
-    p.add_argument("--platform", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--platform", choices=PLATFORMS, default="cuda")
     p.add_argument(
         "--device-capability", type=_capability, metavar="X.Y", help="CUDA capability, e.g. 9.0"
     )

@@ -18,6 +18,7 @@ from warmplan.commands._common import (
 )
 from warmplan.errors import StepError, UserError
 from warmplan.fsutil import check_writable
+from warmplan.monitor import MONITOR_MODES
 from warmplan.report import report_path
 
 
@@ -32,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--jit-monitor",
-        choices=["off", "warn", "error"],
+        choices=MONITOR_MODES,
         default="off",
         help="keep watching for compilations after the plan",
     )

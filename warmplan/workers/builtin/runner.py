@@ -8,6 +8,11 @@ Compile sizes work as in vLLM: a batch of ``n`` tokens is padded up to the small
 compile size ``>= n`` and runs that size's static-shape graph; a batch larger than
 the largest compile size runs one dynamic-shape graph. Padding tokens write their
 K/V to the null block and attend only to kv entry 0; their logits are dropped.
+
+Longer than ~400 lines on purpose: the runner's step buffers, batch preparation and
+the two compiled forwards share one set of buffers whose views must stay in step
+(the chunk-metadata kernel reads them whole); split apart they would be one class
+behind three modules.
 """
 
 from __future__ import annotations
