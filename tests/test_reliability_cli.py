@@ -4,6 +4,7 @@ message and the documented exit code, never a traceback; each message pinned who
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -207,3 +208,27 @@ def test_no_traceback_for_a_5000_digit_integer_in_many_files(tmp_path: Path) -> 
         in lines
     )
     assert sum("duplicate step id 's'" in line for line in lines) == 20
+
+
+def test_compile_locks_are_bounded_by_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Across ranks, inductor's file-lock wait becomes the plan's longest timeout
+    (probe D8: a hung peer holding a lock stalled the others for torch's 600 s)."""
+    import importlib
+
+    from warmplan.commands._common import bound_compile_locks
+
+    codecache = importlib.import_module("torch._inductor.codecache")
+    monkeypatch.setattr(codecache, "LOCK_TIMEOUT", codecache.LOCK_TIMEOUT)
+    monkeypatch.delenv("TORCHINDUCTOR_FILE_LOCK_TIMEOUT", raising=False)
+    bound_compile_locks(45.2)
+    assert os.environ["TORCHINDUCTOR_FILE_LOCK_TIMEOUT"] == "46"
+    assert codecache.LOCK_TIMEOUT == 46
+
+
+def test_an_operators_lock_timeout_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORCHINDUCTOR_FILE_LOCK_TIMEOUT set by the operator wins."""
+    from warmplan.commands._common import bound_compile_locks
+
+    monkeypatch.setenv("TORCHINDUCTOR_FILE_LOCK_TIMEOUT", "900")
+    bound_compile_locks(45)
+    assert os.environ["TORCHINDUCTOR_FILE_LOCK_TIMEOUT"] == "900"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -65,7 +67,9 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
     )
     from warmplan.world import launch_env
 
-    launch_env()  # a bad RANK or WORLD_SIZE is named before anything is imported or built
+    _, _, world_size = launch_env()  # a bad RANK or WORLD_SIZE is named before anything is built
+    if world_size > 1:
+        bound_compile_locks(join_timeout(plan))
     try:
         preflight(plan, config, device, getattr(args, "cache_root", None))
     except (ValueError, TypeError, KeyError) as exc:
@@ -90,6 +94,24 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
         return build_worker(config, device=device, world=world)
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"{plan.path}: builtin: {exc} (from {source})") from None
+
+
+def bound_compile_locks(timeout_s: float) -> None:
+    """Ranks on one host share inductor's cache and its file locks; a peer that hangs
+    holding one would stall the others for torch's 600 s lock timeout, past the plan's
+    ``timeout_s`` (probe D8). Bound the wait by the plan's longest timeout, unless the
+    operator set ``TORCHINDUCTOR_FILE_LOCK_TIMEOUT``. Inductor reads the variable at
+    import; a module already imported is updated too."""
+    if "TORCHINDUCTOR_FILE_LOCK_TIMEOUT" in os.environ:
+        return
+    seconds = max(1, math.ceil(timeout_s))
+    os.environ["TORCHINDUCTOR_FILE_LOCK_TIMEOUT"] = str(seconds)
+    for module, name in (
+        ("torch._inductor.codecache", "LOCK_TIMEOUT"),
+        ("torch._inductor.config", "file_lock_timeout"),
+    ):
+        if module in sys.modules:
+            setattr(sys.modules[module], name, seconds)
 
 
 def join_timeout(plan: Plan) -> float:
