@@ -10,6 +10,10 @@ ranks agree first), and the step it ``replaces`` runs instead.
 
 Resolution renders the cache path (confined to the cache root) and the
 ``config_hash`` of what changes tuning results.
+
+Over ~400 lines on purpose: a step kind is one module (schema fragment, records,
+checks, resolution and run together; docs/architecture.md), and this kind's cache
+templates and rank agreement make it the largest.
 """
 
 from __future__ import annotations
