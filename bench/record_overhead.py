@@ -101,13 +101,13 @@ def recorder_rows(batches: int, repeat: int, directory: Path) -> list[dict[str, 
 
 def engine_ms(plan_path: str, device: str, repeat: int) -> dict[str, float]:
     """Median milliseconds of each batch of ``BATCHES`` on the built-in engine."""
-    from warmplan.commands._common import load_plan_or_exit
     from warmplan.executor import run_plan
     from warmplan.log import configure
+    from warmplan.plan import load_plan
     from warmplan.workers.builtin import build_worker
 
     configure("console", "warning")
-    plan = load_plan_or_exit(plan_path)
+    plan = load_plan(Path(plan_path))
     config = dict(plan.builtin)
     # Room for every batch above: 8 chunks of up to 3,648 cached tokens.
     config.update(
