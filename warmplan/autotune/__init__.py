@@ -12,13 +12,22 @@ from typing import Final, Literal
 
 from warmplan.world import DEFAULT_TIMEOUT_S as DEFAULT_TIMEOUT_S
 
-Policy = Literal["leader", "every_rank", "load_only"]
+Policy = Literal["leader", "together", "every_rank", "load_only"]
 OnMissing = Literal["tune", "skip", "fail"]
 Decision = Literal["tune", "load", "skip"]
+Identity = Literal["warmplan", "vllm"]
 
-POLICIES: Final[tuple[Policy, ...]] = ("leader", "every_rank", "load_only")
+POLICIES: Final[tuple[Policy, ...]] = ("leader", "together", "every_rank", "load_only")
 ON_MISSING: Final[tuple[OnMissing, ...]] = ("tune", "skip", "fail")
+IDENTITIES: Final[tuple[Identity, ...]] = ("warmplan", "vllm")
 DEFAULT_POLICY: Final[Policy] = "leader"
+# Backends whose ranks tune together (FlashInfer's timing reduction, rank-keyed entries).
+RANKED_BACKENDS: Final[tuple[str, ...]] = ("flashinfer",)
+
+
+def default_policy(backend: str) -> Policy:
+    """The policy a plan gets when its cache block names none."""
+    return DEFAULT_POLICY
 
 
 def default_on_missing(policy: Policy) -> OnMissing:

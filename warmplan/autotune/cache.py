@@ -126,6 +126,22 @@ def read_cache(path: str, expected: Mapping[str, str]) -> CacheRead:
     Only a regular file of at most ``MAX_CACHE_BYTES`` is read: a FIFO (which would
     block in ``open``), a device (``/dev/zero`` reads forever) or a directory at the
     path is a miss, like an unreadable file."""
+    raw = read_bytes(path)
+    return raw if isinstance(raw, CacheMiss) else decode_cache(raw, expected, path=path)
+
+
+def read_raw(path: str) -> CacheRead:
+    """Read a file that is the payload itself (FlashInfer's own table, as vLLM keeps
+    it), as safely as ``read_cache``; what the payload holds is the caller's check."""
+    raw = read_bytes(path)
+    if isinstance(raw, CacheMiss):
+        return raw
+    return CacheHit(payload=raw, fingerprint=fingerprint(raw), raw=raw)
+
+
+def read_bytes(path: str) -> bytes | CacheMiss:
+    """The bytes of the regular file at ``path`` (at most ``MAX_CACHE_BYTES``), or a
+    miss saying why not; never raises, never blocks."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -153,7 +169,7 @@ def read_cache(path: str, expected: Mapping[str, str]) -> CacheRead:
         os.close(fd)
     if len(raw) > MAX_CACHE_BYTES:
         return CacheMiss(reason=f"cache file {path} grew past {MAX_CACHE_BYTES} bytes", exists=True)
-    return decode_cache(raw, expected, path=path)
+    return raw
 
 
 def file_holds(path: str, data: bytes) -> bool:

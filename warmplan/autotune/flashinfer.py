@@ -125,13 +125,18 @@ class FlashInferBackend:
         return meta
 
     @contextlib.contextmanager
-    def tuning(self) -> Iterator[None]:
+    def tuning(self, *, skip_ops: tuple[str, ...] = ()) -> Iterator[None]:
         at = self._autotuner()
         tmpdir = tempfile.mkdtemp(prefix="warmplan-fi-")
         path = os.path.join(tmpdir, "flashinfer-autotune.json")
+        kw: dict[str, Any] = {}
+        if skip_ops:
+            if "skip_ops" not in _params(at.autotune):
+                raise AutotuneLoadError(f"flashinfer {self.version}: autotune() takes no skip_ops")
+            kw["skip_ops"] = set(skip_ops)
         try:
             if self._has_cache_param(at):
-                with at.autotune(tune_mode=True, cache=path):
+                with at.autotune(tune_mode=True, cache=path, **kw):
                     yield
             else:
                 with at.autotune(True):
@@ -151,6 +156,67 @@ class FlashInferBackend:
 
     def export(self) -> bytes:
         return self._exported
+
+    # -- tuning together (warmplan.autotune.policy.RankedBackend) ----------------------
+
+    def running_metadata(self) -> Mapping[str, str] | None:
+        """FlashInfer's ``_collect_metadata()``: what ``load_configs`` demands of a table."""
+        collect = getattr(self._autotuner(), "_collect_metadata", None)
+        if not callable(collect):
+            return None
+        try:
+            return {str(k): str(v) for k, v in collect().items()}
+        except Exception:
+            return None
+
+    def clear(self) -> None:
+        self._autotuner().AutoTuner.get().clear_cache()
+
+    def tune_process_group(self, world: Any) -> Any:
+        """The world's own process group (a gloo group), when it has more than one rank."""
+        if world.world_size <= 1:
+            return None
+        return getattr(world, "process_group", None)
+
+    @contextlib.contextmanager
+    def tuning_together(self, *, group: Any, skip_ops: tuple[str, ...]) -> Iterator[None]:
+        """``tuning()`` under FlashInfer's cross-rank timing reduction over ``group``
+        (``set_autotune_process_group``), leaving ``skip_ops`` untuned."""
+        at = self._autotuner()
+        setter: Any = getattr(at, "set_autotune_process_group", None)
+        if group is not None and not callable(setter):
+            raise AutotuneLoadError(
+                f"flashinfer {self.version} has no autotuner.set_autotune_process_group: "
+                "ranks cannot tune together (use policy leader, or a newer flashinfer)"
+            )
+        if group is not None:
+            setter(group)
+        try:
+            with self.tuning(skip_ops=skip_ops):
+                yield
+        finally:
+            if group is not None:
+                setter(None)
+
+    def pass_scope(
+        self, *, buckets: tuple[int, ...] | None, round_up: bool | None
+    ) -> contextlib.AbstractContextManager[None]:
+        """FlashInfer's ``autotune(True, tuning_buckets=, round_up=)`` around one pass."""
+        if buckets is None and round_up is None:
+            return contextlib.nullcontext()
+        at = self._autotuner()
+        params = _params(at.autotune)
+        if "tuning_buckets" not in params:
+            raise AutotuneLoadError(
+                f"flashinfer {self.version}: autotune() takes no tuning_buckets/round_up"
+            )
+        kw: dict[str, Any] = {}
+        if buckets is not None:
+            kw["tuning_buckets"] = buckets
+        if round_up is not None:
+            kw["round_up"] = round_up
+        cm: contextlib.AbstractContextManager[None] = at.autotune(True, **kw)
+        return cm
 
     def load(self, payload: bytes) -> None:
         at = self._autotuner()
@@ -173,6 +239,13 @@ class FlashInferBackend:
                 "flashinfer AutoTuner.load_configs rejected the tuning results, so every "
                 "lookup would fall back to untuned defaults: " + explain_rejection(at, payload)
             )
+
+
+def _params(fn: Any) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def explain_rejection(at: Any, payload: bytes) -> str:

@@ -9,9 +9,19 @@
     file's bytes. Local rank 0 of each node writes them where its file does not
     already hold them (another node, another cache root), a barrier follows, every
     rank loads the file it now has and the ranks' fingerprints must agree.
+``together``
+    Every rank tunes, under the backend's cross-rank timing reduction (FlashInfer's
+    ``set_autotune_process_group``: each tactic's time is mean-reduced over the tune
+    group, so every rank picks the same tactic), and keeps its own file (entries may
+    be rank-keyed). Before anyone runs anything the ranks all-gather what their files
+    hold (the table's metadata and entry count); only when every rank has a usable
+    file and they all match does every rank load, and only when every rank loaded is
+    the tuning forward skipped. Anything short of unanimous: every rank clears what
+    it loaded and tunes, so no rank skips a reduction the others wait in.
 ``every_rank``
-    Each rank reads, tunes and keeps its own file; the cache path must differ per
-    rank on a host (put ``{rank}`` in the path template).
+    Each rank keeps its own file; the cache path must differ per rank on a host
+    (put ``{rank}`` in the path template). If any rank lacks a usable file, every
+    rank tunes (so all run the same forward under tuning).
 ``load_only``
     Never tunes. A missing or mismatched file follows ``on_missing``: ``skip`` (the
     default, with a warning) or ``fail``.
@@ -22,10 +32,12 @@ forward the others do not (a forward may itself hold collectives).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from warmplan.autotune import Decision, OnMissing, Policy
 from warmplan.autotune.cache import (
@@ -37,8 +49,11 @@ from warmplan.autotune.cache import (
     decode_cache,
     encode_cache,
     file_holds,
+    fingerprint,
     read_cache,
+    read_raw,
 )
+from warmplan.autotune.table import Table, TableError, foreign_fields, parse_table
 from warmplan.errors import StepError
 from warmplan.log import Logger
 from warmplan.workers.base import AutotuneBackend, AutotuneLoadError
@@ -50,7 +65,11 @@ class AutotuneOutcome:
     """What an autotune step did on this rank; the executor puts it in the report.
 
     ``ran_run`` is True when the step ran its run (tuning or after loading), so the
-    step it replaces is covered; ``fingerprint`` is the sha256 of the results loaded.
+    step it replaces is covered; ``fingerprint`` is the sha256 of the results loaded
+    or tuned. ``ignored``: why this rank's file was not used although it exists
+    (``ignored: cuda_version differs: ...``). ``run_skipped``: why the run did not
+    run after a load. ``table``: what the results hold, when they are a FlashInfer
+    table (ops and tuned token buckets).
     """
 
     decision: Decision
@@ -58,11 +77,46 @@ class AutotuneOutcome:
     cache_path: str | None
     fingerprint: str | None
     reason: str | None
+    ignored: str | None = None
+    run_skipped: str | None = None
+    table: Table | None = None
+
+
+@runtime_checkable
+class RankedBackend(Protocol):
+    """A backend whose ranks can tune together (FlashInfer's shape): besides the
+    ``AutotuneBackend`` protocol, the running stack's table metadata, a way to clear
+    what was loaded or tuned, tuning under a cross-rank timing reduction with ops
+    left out, and per-pass token buckets."""
+
+    def running_metadata(self) -> Mapping[str, str] | None:
+        """The metadata the running stack stamps on (and demands of) a table."""
+
+    def clear(self) -> None:
+        """Forget every loaded and tuned result (FlashInfer's ``clear_cache``)."""
+
+    def tune_process_group(self, world: World) -> Any:
+        """The process group whose ranks reduce timings together; None for none."""
+
+    def tuning_together(
+        self, *, group: Any, skip_ops: tuple[str, ...]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Tune, reducing each tactic's timing over ``group``, leaving ``skip_ops`` out."""
+
+    def pass_scope(
+        self, *, buckets: tuple[int, ...] | None, round_up: bool | None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Inside tuning: tune the enclosed run at these token buckets."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TuneContext:
-    """Everything a policy needs; built by ``warmplan.steps.autotune.run_autotune``."""
+    """Everything a policy needs; built by ``warmplan.steps.autotune.run_autotune``.
+
+    ``run`` runs the step's run plainly; ``tune_run`` runs it the way it tunes (per
+    pass bucket scopes); ``raw``: the file is the backend's payload itself (vLLM's
+    layout), not warmplan's wrapper; ``run_after_load``: run the run after a load.
+    """
 
     step_id: str
     backend: AutotuneBackend
@@ -73,6 +127,12 @@ class TuneContext:
     on_missing: OnMissing
     run: Callable[[], None]
     log: Logger
+    tune_run: Callable[[], None] | None = None
+    raw: bool = False
+    run_after_load: bool = True
+    skip_ops: tuple[str, ...] = ()
+    forward: str = "the run"
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -80,6 +140,17 @@ class TuneContext:
 
     def fail(self, message: str) -> StepError:
         return StepError(self.step_id, message, rank=self.rank)
+
+    def tuning(self, *, together: bool = False) -> contextlib.AbstractContextManager[None]:
+        """The backend's tuning context; with ``together``, under its timing reduction."""
+        backend = self.backend
+        if isinstance(backend, RankedBackend):
+            group = backend.tune_process_group(self.world) if together else None
+            return backend.tuning_together(group=group, skip_ops=self.skip_ops)
+        return backend.tuning()
+
+    def run_tuning(self) -> None:
+        (self.tune_run or self.run)()
 
 
 def expected_metadata(
@@ -101,6 +172,69 @@ def expected_metadata(
     for key, value in backend.metadata().items():
         meta[f"{backend.name}.{key}"] = str(value)
     return meta
+
+
+# -- reading a rank's own file ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalRead:
+    """This rank's file: a usable ``hit`` (with its ``table`` when it is a FlashInfer
+    table), or why not (``reason``; ``ignored`` when a file exists but is not used)."""
+
+    hit: CacheHit | None
+    reason: str | None = None
+    ignored: str | None = None
+    table: Table | None = None
+
+
+def table_of(payload: bytes) -> Table | None:
+    """The FlashInfer table ``payload`` holds, or None when it holds something else."""
+    try:
+        return parse_table(payload)
+    except TableError:
+        return None
+
+
+def read_local(ctx: TuneContext) -> LocalRead:
+    """Read this rank's file and check it the way its loader would, *before* loading:
+    a FlashInfer table whose version/GPU fields differ from the running stack is
+    ignored, saying which field differs (FlashInfer itself would only warn)."""
+    read = read_raw(ctx.path) if ctx.raw else read_cache(ctx.path, ctx.metadata)
+    if isinstance(read, CacheMiss):
+        return LocalRead(
+            hit=None, reason=read.reason, ignored=f"ignored: {read.reason}" if read.exists else None
+        )
+    table: Table | None = None
+    if isinstance(ctx.backend, RankedBackend):
+        try:
+            table = parse_table(read.payload)
+        except TableError as exc:
+            why = f"cache file {ctx.path} is not a FlashInfer tuning table: {exc}"
+            return LocalRead(hit=None, reason=why, ignored=f"ignored: {why}")
+        running = ctx.backend.running_metadata()
+        foreign = foreign_fields(table.metadata, running) if running is not None else []
+        if foreign:
+            why = f"cache file {ctx.path}: " + "; ".join(foreign)
+            return LocalRead(hit=None, reason=why, ignored="ignored: " + "; ".join(foreign))
+    return LocalRead(hit=read, table=table)
+
+
+def _note_ignored(ctx: TuneContext, local: LocalRead) -> None:
+    if local.ignored:
+        ctx.log.warning(
+            "autotune.cache_unusable",
+            step=ctx.step_id,
+            rank=ctx.rank,
+            path=ctx.path,
+            reason=local.reason,
+            ignored=local.ignored,
+        )
+
+
+def _clear(ctx: TuneContext) -> None:
+    if isinstance(ctx.backend, RankedBackend):
+        ctx.backend.clear()
 
 
 # -- collectives that report as step errors ---------------------------------------------
@@ -214,14 +348,15 @@ def run_leader(ctx: TuneContext) -> AutotuneOutcome:
     """Rank 0 decides and tunes; every rank ends with the same loaded results."""
     rank = ctx.rank
     msg: bytes | None = None
+    ignored: str | None = None
     if rank == 0:
-        read = read_cache(ctx.path, ctx.metadata)
-        if isinstance(read, CacheHit):
-            msg = _pack("load", None, read.raw)
+        local = read_local(ctx)
+        if local.hit is not None:
+            msg = _pack("load", None, local.hit.raw)
         else:
-            if read.exists:
-                ctx.log.warning("autotune.cache_unusable", step=ctx.step_id, reason=read.reason)
-            msg = _pack(ctx.on_missing, read.reason)
+            _note_ignored(ctx, local)
+            ignored = local.ignored
+            msg = _pack(ctx.on_missing, local.reason)
     kind, reason, body = _unpack(_bcast(ctx, msg, "waiting for rank 0's tune-or-load decision"))
     ctx.log.info("autotune.decision", step=ctx.step_id, rank=rank, decision=kind, reason=reason)
 
@@ -233,6 +368,7 @@ def run_leader(ctx: TuneContext) -> AutotuneOutcome:
             cache_path=ctx.path,
             fingerprint=None,
             reason=f"rank 0: {reason}; on_missing=skip",
+            ignored=ignored,
         )
     if kind == "fail":
         raise ctx.fail(f"no usable autotune cache on rank 0 and on_missing=fail: {reason}")
@@ -258,7 +394,12 @@ def run_leader(ctx: TuneContext) -> AutotuneOutcome:
             )
             _check_statuses(ctx, statuses, "the tuning run")
             return AutotuneOutcome(
-                decision="tune", ran_run=True, cache_path=ctx.path, fingerprint=None, reason=rreason
+                decision="tune",
+                ran_run=True,
+                cache_path=ctx.path,
+                fingerprint=None,
+                reason=rreason,
+                ignored=ignored,
             )
 
     raw = body
@@ -266,10 +407,12 @@ def run_leader(ctx: TuneContext) -> AutotuneOutcome:
     _barrier(ctx, "waiting for every rank to hold the cache file")
     if status.ok:
         status = _place_file(ctx, raw, local_leader=False)
+    loaded: CacheHit | None = None
     if status.ok:
-        read = read_cache(ctx.path, ctx.metadata)
+        local = read_local(ctx)
+        loaded = local.hit
         status = (
-            _load_hit(ctx, read) if isinstance(read, CacheHit) else RankStatus(False, read.reason)
+            _load_hit(ctx, loaded) if loaded is not None else RankStatus(False, local.reason or "")
         )
     statuses = _gather(ctx, status, "comparing loaded fingerprints")
     _check_statuses(ctx, statuses, "loading the autotune cache")
@@ -280,25 +423,33 @@ def run_leader(ctx: TuneContext) -> AutotuneOutcome:
         raise ctx.fail(
             f"ranks loaded different tuning results: rank 0 has {prints[0][:16]}, {detail}"
         )
-    if kind == "load":
+    ran_run = kind == "tune" or ctx.run_after_load
+    if kind == "load" and ran_run:
         ctx.run()
     ctx.log.info(
         "autotune.loaded", step=ctx.step_id, rank=rank, path=ctx.path, fingerprint=prints[0]
     )
     return AutotuneOutcome(
         decision="tune" if kind == "tune" else "load",
-        ran_run=True,
+        ran_run=ran_run,
         cache_path=ctx.path,
         fingerprint=prints[rank],
         reason=reason if kind == "tune" else None,
+        ignored=ignored,
+        run_skipped=None if ran_run else _skipped_run(ctx),
+        table=table_of(loaded.payload) if loaded is not None else None,
     )
+
+
+def _skipped_run(ctx: TuneContext) -> str:
+    return f"every rank loaded its results; {ctx.forward} was not run (run_after_load: false)"
 
 
 def _leader_tune(ctx: TuneContext) -> tuple[bytes, StepError | None]:
     """On rank 0: tune, export, write the file. Returns the message for the others."""
     try:
-        with ctx.backend.tuning():
-            ctx.run()
+        with ctx.tuning():
+            ctx.run_tuning()
         payload = ctx.backend.export()
     except Exception as exc:
         err = ctx.fail(f"tuning raised {type(exc).__name__}: {exc}")
@@ -306,13 +457,19 @@ def _leader_tune(ctx: TuneContext) -> tuple[bytes, StepError | None]:
         return _pack("error", f"{type(exc).__name__}: {exc}"), err
     if not payload:
         return _pack("empty", "tuning produced no results; default tactics stay in use"), None
-    raw = encode_cache(ctx.metadata, payload)
+    raw = _file_bytes(ctx, payload)
     try:
         atomic_write(ctx.path, raw)
     except CacheWriteError as exc:
         return _pack("error", str(exc)), ctx.fail(str(exc))
     ctx.log.info("autotune.written", step=ctx.step_id, path=ctx.path, bytes=len(raw))
     return _pack("ok", None, raw), None
+
+
+def _file_bytes(ctx: TuneContext, payload: bytes) -> bytes:
+    """What the cache file holds: the payload itself in vLLM's layout, else warmplan's
+    wrapper (metadata, checksum)."""
+    return payload if ctx.raw else encode_cache(ctx.metadata, payload)
 
 
 def _place_file(ctx: TuneContext, raw: bytes, *, local_leader: bool) -> RankStatus:
@@ -335,41 +492,75 @@ def _place_file(ctx: TuneContext, raw: bytes, *, local_leader: bool) -> RankStat
 # -- every_rank -------------------------------------------------------------------------
 
 
-def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
-    """Each rank tunes or loads its own file; ranks agree only on whether to run."""
+def _check_per_rank_paths(ctx: TuneContext, policy: str) -> None:
     seen: dict[tuple[str, str], int] = {}
     for r, place in enumerate(_gather_places(ctx)):
         if place in seen:
             raise ctx.fail(
-                f"policy every_rank needs a cache path per rank, but ranks {seen[place]} and {r} "
+                f"policy {policy} needs a cache path per rank, but ranks {seen[place]} and {r} "
                 f"share {place[1]} on one host; put {{rank}} in the cache path template"
             )
         seen[place] = r
-    read = read_cache(ctx.path, ctx.metadata)
-    statuses = _gather(ctx, _hit_or_miss(read), "comparing caches")
+
+
+def _tune_own(ctx: TuneContext, *, together: bool) -> tuple[RankStatus, bytes]:
+    """Tune on this rank and write its own file; the status says whether that worked
+    (never raises for what the others must hear about)."""
+    try:
+        with ctx.tuning(together=together):
+            ctx.run_tuning()
+        payload = ctx.backend.export()
+    except Exception as exc:
+        return RankStatus(False, f"tuning raised {type(exc).__name__}: {exc}"), b""
+    if not payload:
+        return OK, b""
+    try:
+        atomic_write(ctx.path, _file_bytes(ctx, payload))
+    except CacheWriteError as exc:
+        return RankStatus(False, str(exc)), payload
+    ctx.log.info("autotune.written", step=ctx.step_id, rank=ctx.rank, path=ctx.path)
+    return OK, payload
+
+
+def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
+    """Each rank keeps its own file. Every rank loads when every rank has a usable
+    file; when any lacks one, every rank tunes (a rank that loaded while the others
+    tune would run a different forward, and could miss a collective they hold)."""
+    _check_per_rank_paths(ctx, "every_rank")
+    local = read_local(ctx)
+    _note_ignored(ctx, local)
+    statuses = _gather(
+        ctx,
+        OK if local.hit is not None else RankStatus(False, local.reason or ""),
+        "comparing caches",
+    )
     missing = [r for r, s in enumerate(statuses) if not s.ok]
     if missing and ctx.on_missing != "tune":
         return _skip_or_fail(
             ctx, missing, statuses, "{ranks} without a usable cache ({reasons}); on_missing=skip"
         )
-    if isinstance(read, CacheHit):
-        status = _load_hit(ctx, read)
-        if not status.ok:
-            raise ctx.fail(status.value)
-        ctx.run()
+    if not missing and local.hit is not None:
+        status = _load_hit(ctx, local.hit)
+        statuses = _gather(ctx, status, "comparing loaded results")
+        _check_statuses(ctx, statuses, "loading the autotune cache")
+        if ctx.run_after_load:
+            ctx.run()
         return AutotuneOutcome(
             decision="load",
-            ran_run=True,
+            ran_run=ctx.run_after_load,
             cache_path=ctx.path,
             fingerprint=status.value,
             reason=None,
+            run_skipped=None if ctx.run_after_load else _skipped_run(ctx),
+            table=local.table or table_of(local.hit.payload),
         )
+    why = "; ".join(f"rank {r}: {statuses[r].value}" for r in missing)
+    reason = local.reason if local.hit is None else f"every rank tunes: {why}"
     ctx.log.info(
-        "autotune.decision", step=ctx.step_id, rank=ctx.rank, decision="tune", reason=read.reason
+        "autotune.decision", step=ctx.step_id, rank=ctx.rank, decision="tune", reason=reason
     )
-    with ctx.backend.tuning():
-        ctx.run()
-    payload = ctx.backend.export()
+    status, payload = _tune_own(ctx, together=False)
+    _check_statuses(ctx, _gather(ctx, status, "after tuning"), "tuning")
     if not payload:
         return AutotuneOutcome(
             decision="tune",
@@ -377,13 +568,13 @@ def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
             cache_path=ctx.path,
             fingerprint=None,
             reason="tuning produced no results; default tactics stay in use",
+            ignored=local.ignored,
         )
-    raw = encode_cache(ctx.metadata, payload)
-    try:
-        atomic_write(ctx.path, raw)
-    except CacheWriteError as exc:
-        raise ctx.fail(str(exc)) from exc
-    hit = decode_cache(raw, ctx.metadata, path=ctx.path)
+    hit = (
+        decode_cache(_file_bytes(ctx, payload), ctx.metadata, path=ctx.path)
+        if not ctx.raw
+        else CacheHit(payload=payload, fingerprint=fingerprint(payload), raw=payload)
+    )
     assert isinstance(hit, CacheHit)
     status = _load_hit(ctx, hit)
     if not status.ok:
@@ -393,7 +584,94 @@ def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
         ran_run=True,
         cache_path=ctx.path,
         fingerprint=status.value,
-        reason=read.reason,
+        reason=reason,
+        ignored=local.ignored,
+        table=table_of(payload),
+    )
+
+
+# -- together ---------------------------------------------------------------------------
+
+
+def run_together(ctx: TuneContext) -> AutotuneOutcome:
+    """Every rank tunes together, or every rank loads its own file and skips the
+    tuning forward: the unanimity protocol (module docstring)."""
+    if not isinstance(ctx.backend, RankedBackend):
+        raise ctx.fail(
+            f"policy together needs a backend whose ranks can tune together "
+            f"(flashinfer); {ctx.backend.name!r} cannot: use leader"
+        )
+    _check_per_rank_paths(ctx, "together")
+    local = read_local(ctx)
+    _note_ignored(ctx, local)
+    mine = (
+        RankStatus(True, local.table.identity())
+        if local.hit and local.table
+        else RankStatus(
+            local.hit is not None,
+            "" if local.hit is not None else (local.reason or "no usable file"),
+        )
+    )
+    # 1. What every rank's file holds (metadata and entry count), before anyone loads.
+    held = _gather(ctx, mine, "comparing what each rank's cache holds")
+    missing = [r for r, s in enumerate(held) if not s.ok]
+    idents = {s.value for s in held if s.ok}
+    why: str | None = None
+    if missing:
+        why = "; ".join(f"rank {r}: {held[r].value}" for r in missing)
+    elif len(idents) > 1:
+        why = "the ranks' files differ: " + ", ".join(
+            f"rank {r}: {s.value}" for r, s in enumerate(held)
+        )
+    else:
+        # 2. Unanimous: every rank loads; 3. every rank must have loaded.
+        assert local.hit is not None
+        status = _load_hit(ctx, local.hit)
+        loads = _gather(ctx, status, "comparing load results")
+        failed = [r for r, s in enumerate(loads) if not s.ok]
+        if not failed:
+            if ctx.run_after_load:
+                ctx.run()
+            ctx.log.info(
+                "autotune.loaded",
+                step=ctx.step_id,
+                rank=ctx.rank,
+                path=ctx.path,
+                fingerprint=status.value,
+                ran_run=ctx.run_after_load,
+            )
+            return AutotuneOutcome(
+                decision="load",
+                ran_run=ctx.run_after_load,
+                cache_path=ctx.path,
+                fingerprint=status.value,
+                reason=None,
+                run_skipped=None if ctx.run_after_load else _skipped_run(ctx),
+                table=local.table,
+            )
+        why = "loading failed on " + "; ".join(f"rank {r}: {loads[r].value}" for r in failed)
+    # Short of unanimous: nobody keeps what it loaded; every rank tunes from empty.
+    _clear(ctx)
+    if ctx.on_missing != "tune":
+        return _skip_or_fail(
+            ctx,
+            missing or list(range(ctx.world.world_size)),
+            held if missing else [RankStatus(False, why or "")] * ctx.world.world_size,
+            "{ranks} without a usable cache ({reasons}); on_missing=skip",
+        )
+    ctx.log.info("autotune.decision", step=ctx.step_id, rank=ctx.rank, decision="tune", reason=why)
+    status, payload = _tune_own(ctx, together=True)
+    _check_statuses(ctx, _gather(ctx, status, "after tuning together"), "tuning")
+    return AutotuneOutcome(
+        decision="tune",
+        ran_run=True,
+        cache_path=ctx.path,
+        fingerprint=fingerprint(payload) if payload else None,
+        reason=why
+        if payload
+        else f"{why}; tuning produced no results, default tactics stay in use",
+        ignored=local.ignored,
+        table=table_of(payload) if payload else None,
     )
 
 
@@ -402,32 +680,45 @@ def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
 
 def run_load_only(ctx: TuneContext) -> AutotuneOutcome:
     """Every rank loads its file; if any rank cannot, all skip (or all fail)."""
-    read = read_cache(ctx.path, ctx.metadata)
-    statuses = _gather(ctx, _hit_or_miss(read), "comparing caches")
+    local = read_local(ctx)
+    _note_ignored(ctx, local)
+    statuses = _gather(
+        ctx,
+        OK if local.hit is not None else RankStatus(False, local.reason or ""),
+        "comparing caches",
+    )
     missing = [r for r, s in enumerate(statuses) if not s.ok]
     if missing:
-        return _skip_or_fail(
+        out = _skip_or_fail(
             ctx, missing, statuses, "load_only: {ranks} without a usable cache ({reasons})"
         )
-    assert isinstance(read, CacheHit)
-    statuses = _gather(ctx, _load_hit(ctx, read), "comparing loaded fingerprints")
+        return AutotuneOutcome(
+            decision=out.decision,
+            ran_run=False,
+            cache_path=out.cache_path,
+            fingerprint=None,
+            reason=out.reason,
+            ignored=local.ignored,
+        )
+    assert local.hit is not None
+    statuses = _gather(ctx, _load_hit(ctx, local.hit), "comparing loaded fingerprints")
     _check_statuses(ctx, statuses, "loading the autotune cache")
-    ctx.run()
+    if ctx.run_after_load:
+        ctx.run()
     return AutotuneOutcome(
         decision="load",
-        ran_run=True,
+        ran_run=ctx.run_after_load,
         cache_path=ctx.path,
         fingerprint=statuses[ctx.rank].value,
         reason=None,
+        run_skipped=None if ctx.run_after_load else _skipped_run(ctx),
+        table=local.table or table_of(local.hit.payload),
     )
-
-
-def _hit_or_miss(read: CacheHit | CacheMiss) -> RankStatus:
-    return OK if isinstance(read, CacheHit) else RankStatus(False, read.reason)
 
 
 RUNNERS: dict[Policy, Callable[[TuneContext], AutotuneOutcome]] = {
     "leader": run_leader,
+    "together": run_together,
     "every_rank": run_every_rank,
     "load_only": run_load_only,
 }

@@ -195,6 +195,11 @@ class AutotuneReport:
     cache_path: str | None
     fingerprint: str | None
     reason: str | None
+    ran_run: bool = True  # false: loaded, and the tuning forward was skipped
+    run_skipped: str | None = None  # why the run did not run after a load
+    ignored: str | None = None  # this rank's file exists but was not used, and why
+    entries: int | None = None  # entries of the FlashInfer table loaded or tuned
+    coverage: dict[str, list[int]] | None = None  # op -> tuned token buckets
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
