@@ -154,7 +154,10 @@ class VerifyResult:
         ):
             return f"{head} after plan {recorded_plan!r}; not compared"
         seen = len(self.events)
-        same = "the same" if seen == live else "DIFFERENT"
+        if seen == live:
+            same = "the same"
+        else:
+            same = f"{abs(seen - live)} {'fewer' if seen < live else 'more'}"
         return f"{head}; this replay: {seen} ({same})"
 
 
