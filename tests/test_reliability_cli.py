@@ -232,3 +232,38 @@ def test_an_operators_lock_timeout_is_kept(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("TORCHINDUCTOR_FILE_LOCK_TIMEOUT", "900")
     bound_compile_locks(45)
     assert os.environ["TORCHINDUCTOR_FILE_LOCK_TIMEOUT"] == "900"
+
+
+def test_a_bug_is_one_line_and_exit_3(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unexpected exception (a bug) is one line and exit 3, not a traceback."""
+    from warmplan.commands import validate
+
+    def broken(args: object) -> int:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(validate, "run", broken)
+    assert main(["validate", DENSE]) == 3
+    assert capsys.readouterr().err == (
+        "warmplan: internal error: RuntimeError: boom (a bug in warmplan; --log-level debug shows where)\n"
+    )
+
+
+def test_sigterm_unwinds_like_ctrl_c(capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM raises where the process is, so cleanup runs, and exits 143."""
+    import signal
+
+    from warmplan.commands import validate
+
+    def killed(args: object) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(validate, "run", killed)
+        assert main(["validate", DENSE]) == 143
+    assert capsys.readouterr().err == "warmplan: terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -81,10 +84,25 @@ class _Sub:
         return self.sub.add_parser(name, parents=parents, **kwargs)  # type: ignore[arg-type]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as a Ctrl-C does:
+    runner state restored, hooks uninstalled, temp files removed; exit 143."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+INTERNAL_ERROR = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(args.log_format, args.log_level)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code: int = args.run(args)
         return code
@@ -95,11 +113,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WarmplanError as exc:
         print(f"warmplan: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("warmplan: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("warmplan: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:
+        # A bug, not the user's doing: one line, and the traceback only when asked.
+        if args.log_level == "debug":
+            traceback.print_exc()
+        print(
+            f"warmplan: internal error: {type(exc).__name__}: {exc} "
+            "(a bug in warmplan; --log-level debug shows where)",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover
