@@ -77,7 +77,37 @@ def cache_path(job: dict[str, object], rank: int) -> str:
     return os.path.join(default_cache_root(), "autotune", str(job.get("backend", "fake")), name)
 
 
+class FakeFiWorker(RecordingWorker):
+    """A worker whose dummy run calls two FlashInfer-shaped tuned ops (the fake
+    ``tests.fakes.fakefi`` tuner) at its token count, as a model's forward would."""
+
+    def dummy_run(self, shape: Any, num_tokens: int, **kw: Any) -> None:
+        from tests.fakes.fakefi.autotuner import AutoTuner
+
+        super().dummy_run(shape, num_tokens, **kw)
+        tuner = AutoTuner.get()
+        for op in ("fake_gemm", "fake_moe"):
+            tuner.choose_one(op, num_tokens)
+
+
+def fakefi_facts() -> dict[str, object]:
+    from tests.fakes.fakefi.autotuner import AutoTuner
+
+    tuner = AutoTuner.get()
+    return {
+        "chosen": tuner.chosen,
+        "tactics": {k: v[1] for k, v in sorted(tuner.profiling_cache.items())},
+        "loaded": sorted(tuner._file_configs),
+        "reduces": tuner.reduces,
+    }
+
+
 def make_worker(job: dict[str, object], world: object) -> object:
+    if job.get("backend") == "flashinfer":
+        from warmplan.autotune.flashinfer import FlashInferBackend
+
+        fi = FlashInferBackend(module="tests.fakes.fakefi", require_cuda=False)
+        return FakeFiWorker(world=world, backends={"flashinfer": fi}, platform="cpu")  # type: ignore[arg-type,dict-item]
     if job.get("backend") == "builtin":
         from warmplan.workers.builtin.worker import BuiltinWorker
 
@@ -135,6 +165,7 @@ def main() -> int:
             result = {"role": o.role, "bytes": o.bytes}
         else:
             backend = str(job.get("backend", "fake"))
+            policy = str(job.get("policy", "leader"))
             step = ResolvedAutotune(
                 id="autotune-step",
                 kind="autotune",
@@ -149,6 +180,7 @@ def main() -> int:
                 timeout_s=timeout_s,
                 cache_path=cache_path(job, rank),
                 config_hash="cfg1",
+                run_after_load=bool(job.get("run_after_load", policy != "together")),
             )
             with worker.preserve_state():  # type: ignore[attr-defined]
                 o2 = run_autotune(step, worker, log=log)  # type: ignore[arg-type]
@@ -160,6 +192,8 @@ def main() -> int:
                 "reason": o2.reason,
                 "runs": len(getattr(worker, "calls_named", lambda *a: [])("dummy_run")),
             }
+            if backend == "flashinfer":
+                result.update(fakefi_facts(), ignored=o2.ignored, run_skipped=o2.run_skipped)
     except StepError as exc:
         print(f"ELAPSED {time.monotonic() - start:.3f}", file=sys.stderr)
         print(f"ERROR {exc}", file=sys.stderr, flush=True)

@@ -96,6 +96,11 @@ class TorchWorld:
     def world_size(self) -> int:
         return self._world_size
 
+    @property
+    def process_group(self) -> Any:
+        """The gloo group the collectives run on (FlashInfer's tuning reduces over it)."""
+        return self._group
+
     # -- failure naming -------------------------------------------------------------
 
     def _arrive(self, what: str) -> str:

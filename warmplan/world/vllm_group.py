@@ -42,6 +42,11 @@ class VllmWorld:
     def world_size(self) -> int:
         return int(self._group.world_size)
 
+    @property
+    def process_group(self) -> Any | None:
+        """The group's gloo ``cpu_group`` (FlashInfer's tuning reduces over it), if any."""
+        return self._torch_cpu_group()
+
     def _torch_cpu_group(self) -> Any | None:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()):
