@@ -267,3 +267,19 @@ def test_sigterm_unwinds_like_ctrl_c(capsys: pytest.CaptureFixture[str]) -> None
         assert main(["validate", DENSE]) == 143
     assert capsys.readouterr().err == "warmplan: terminated\n"
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-format", "json", "validate", "p.yaml"],
+        ["validate", "p.yaml", "--log-format", "json"],
+    ],
+)
+def test_common_options_count_before_or_after_the_command(argv: list[str]) -> None:
+    """`warmplan --log-format json run ...` is not silently reset to console by the
+    subcommand's default."""
+    from warmplan.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.log_format, args.log_level) == ("json", "info")

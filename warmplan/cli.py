@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from warmplan import __version__
@@ -40,22 +40,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(default: Callable[[str], object]) -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument(
         "--log-format",
         choices=["console", "json"],
-        default="console",
+        default=default("console"),
         help="console (readable) or json (one object a line)",
     )
     common.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default="info"
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=default("info"),
     )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="warmplan",
         description="Declarative kernel warmup plans for LLM inference workers.",
-        parents=[common],
+        parents=[_common_options(lambda value: value)],
     )
+    # Given after the command or before it, an option counts: the subcommand's copy
+    # has no default, so it never overwrites one given before the command.
+    common = _common_options(lambda value: argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"warmplan {__version__}")
     sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
