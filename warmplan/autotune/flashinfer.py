@@ -159,6 +159,10 @@ class FlashInferBackend:
 
     # -- tuning together (warmplan.autotune.policy.RankedBackend) ----------------------
 
+    @property
+    def tunes_together(self) -> bool:
+        return True
+
     def running_metadata(self) -> Mapping[str, str] | None:
         """FlashInfer's ``_collect_metadata()``: what ``load_configs`` demands of a table."""
         collect = getattr(self._autotuner(), "_collect_metadata", None)

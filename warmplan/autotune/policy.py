@@ -89,6 +89,10 @@ class RankedBackend(Protocol):
     what was loaded or tuned, tuning under a cross-rank timing reduction with ops
     left out, and per-pass token buckets."""
 
+    @property
+    def tunes_together(self) -> bool:
+        """Whether this backend's results are FlashInfer tables its ranks tune together."""
+
     def running_metadata(self) -> Mapping[str, str] | None:
         """The metadata the running stack stamps on (and demands of) a table."""
 
@@ -143,14 +147,21 @@ class TuneContext:
 
     def tuning(self, *, together: bool = False) -> contextlib.AbstractContextManager[None]:
         """The backend's tuning context; with ``together``, under its timing reduction."""
-        backend = self.backend
-        if isinstance(backend, RankedBackend):
+        backend = ranked(self.backend)
+        if backend is not None:
             group = backend.tune_process_group(self.world) if together else None
             return backend.tuning_together(group=group, skip_ops=self.skip_ops)
-        return backend.tuning()
+        return self.backend.tuning()
 
     def run_tuning(self) -> None:
         (self.tune_run or self.run)()
+
+
+def ranked(backend: AutotuneBackend) -> RankedBackend | None:
+    """``backend`` as a ``RankedBackend`` when it is one and says it tunes together."""
+    if isinstance(backend, RankedBackend) and backend.tunes_together:
+        return backend
+    return None
 
 
 def expected_metadata(
@@ -206,13 +217,14 @@ def read_local(ctx: TuneContext) -> LocalRead:
             hit=None, reason=read.reason, ignored=f"ignored: {read.reason}" if read.exists else None
         )
     table: Table | None = None
-    if isinstance(ctx.backend, RankedBackend):
+    backend = ranked(ctx.backend)
+    if backend is not None:
         try:
             table = parse_table(read.payload)
         except TableError as exc:
             why = f"cache file {ctx.path} is not a FlashInfer tuning table: {exc}"
             return LocalRead(hit=None, reason=why, ignored=f"ignored: {why}")
-        running = ctx.backend.running_metadata()
+        running = backend.running_metadata()
         foreign = foreign_fields(table.metadata, running) if running is not None else []
         if foreign:
             why = f"cache file {ctx.path}: " + "; ".join(foreign)
@@ -233,8 +245,9 @@ def _note_ignored(ctx: TuneContext, local: LocalRead) -> None:
 
 
 def _clear(ctx: TuneContext) -> None:
-    if isinstance(ctx.backend, RankedBackend):
-        ctx.backend.clear()
+    backend = ranked(ctx.backend)
+    if backend is not None:
+        backend.clear()
 
 
 # -- collectives that report as step errors ---------------------------------------------
@@ -596,7 +609,7 @@ def run_every_rank(ctx: TuneContext) -> AutotuneOutcome:
 def run_together(ctx: TuneContext) -> AutotuneOutcome:
     """Every rank tunes together, or every rank loads its own file and skips the
     tuning forward: the unanimity protocol (module docstring)."""
-    if not isinstance(ctx.backend, RankedBackend):
+    if ranked(ctx.backend) is None:
         raise ctx.fail(
             f"policy together needs a backend whose ranks can tune together "
             f"(flashinfer); {ctx.backend.name!r} cannot: use leader"

@@ -16,9 +16,9 @@ This module never imports torch or flashinfer.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -60,34 +60,33 @@ def parse_table(payload: bytes) -> Table:
             raise TableError(f"{METADATA_KEY} is not an object")
         metadata = {str(k): str(v) for k, v in raw_meta.items()}
     coverage: dict[str, set[int]] = {}
-    for key in doc:
+    # Other keys with a leading underscore are FlashInfer's bookkeeping (0.7.2 writes
+    # ``_generation``), not entries; load_configs skips them too.
+    entries = [k for k in doc if not k.startswith("_")]
+    for key in entries:
         op, bucket = _op_and_bucket(key)
         coverage.setdefault(op, set())
         if bucket is not None:
             coverage[op].add(bucket)
     return Table(
         metadata=metadata,
-        entries=len(doc),
+        entries=len(entries),
         coverage={op: sorted(b) for op, b in sorted(coverage.items())},
     )
+
+
+# ``('bf16_gemm', 'CublasltBf16GemmRunner', ((256, 1024), (1024, 2048), ...), (..., torch.bfloat16, 0))``:
+# not a Python literal (dtypes appear bare), so read by pattern.
+_KEY = re.compile(r"""^\(\s*(['"])(?P<op>.*?)\1\s*,\s*(['"]).*?\3\s*,\s*\(\s*\(\s*(?P<m>-?\d+)""")
 
 
 def _op_and_bucket(key: str) -> tuple[str, int | None]:
     """The op of an entry key and its token bucket: the first dimension of the
     profile's first input (the M of a GEMM, the token count of a MoE)."""
-    try:
-        parsed = ast.literal_eval(key)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return key.split(",", 1)[0].strip("(' \""), None
-    if not isinstance(parsed, tuple) or not parsed or not isinstance(parsed[0], str):
-        return str(key), None
-    op = parsed[0]
-    profile = parsed[2] if len(parsed) > 2 else None
-    try:
-        first = profile[0][0]  # type: ignore[index]
-    except (TypeError, IndexError, KeyError):
-        return op, None
-    return op, first if isinstance(first, int) and not isinstance(first, bool) else None
+    match = _KEY.match(key)
+    if match is None:
+        return key, None
+    return match.group("op"), int(match.group("m"))
 
 
 def foreign_fields(file_meta: Mapping[str, str] | None, running: Mapping[str, str]) -> list[str]:

@@ -44,9 +44,9 @@ from warmplan.autotune import (
 from warmplan.autotune.policy import (
     RUNNERS,
     AutotuneOutcome,
-    RankedBackend,
     TuneContext,
     expected_metadata,
+    ranked,
 )
 from warmplan.autotune.table import hybrid_buckets
 from warmplan.autotune.vllm_layout import VllmCacheFile, autotune_root
@@ -640,12 +640,14 @@ def run_autotune(rstep: ResolvedAutotune, worker: Worker, log: Logger) -> Autotu
             forward(n)
         worker.synchronize()
 
+    fi = ranked(backend)
+
     def tune_run() -> None:
         # One pass per token count, each under its own buckets (vLLM: the widest
         # first, so that bounded passes reuse its results).
-        assert isinstance(backend, RankedBackend)
+        assert fi is not None
         for n, buckets in rstep.passes or tuple((n, None) for n in rstep.applied):
-            with backend.pass_scope(buckets=buckets, round_up=rstep.round_up):
+            with fi.pass_scope(buckets=buckets, round_up=rstep.round_up):
                 forward(n)
         worker.synchronize()
 
@@ -672,7 +674,7 @@ def run_autotune(rstep: ResolvedAutotune, worker: Worker, log: Logger) -> Autotu
         on_missing=rstep.on_missing,
         run=run,
         log=slog,
-        tune_run=tune_run if isinstance(backend, RankedBackend) else None,
+        tune_run=tune_run if fi is not None else None,
         raw=rstep.identity == "vllm",
         run_after_load=rstep.run_after_load,
         skip_ops=rstep.skip_ops,

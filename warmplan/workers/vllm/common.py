@@ -111,7 +111,7 @@ class VllmFlashInferBackend:
     ``load`` hands a payload to ``AutoTuner.get().load_configs``.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, vllm_config: Any = None) -> None:
         if name not in BACKEND_NAMES:
             raise ValueError(
                 f"unknown FlashInfer backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}"
@@ -119,6 +119,7 @@ class VllmFlashInferBackend:
         self._name = name
         self._dir: str | None = None
         self._lock = threading.Lock()
+        self._vllm_config = vllm_config
 
     @property
     def name(self) -> str:
@@ -165,7 +166,9 @@ class VllmFlashInferBackend:
             "torch": torch.__version__,
         }
 
-    def _context(self, cache: str) -> contextlib.AbstractContextManager[Any]:
+    def _context(
+        self, cache: str, skip_ops: tuple[str, ...] = ()
+    ) -> contextlib.AbstractContextManager[Any]:
         if self._name == "flashinfer_dsv4_decode":
             from flashinfer import sparse_mla_sm120_decode_dsv4_autotune
 
@@ -177,14 +180,90 @@ class VllmFlashInferBackend:
             from vllm.utils.flashinfer import autotune
         except ImportError:
             from flashinfer.autotuner import autotune
+        if skip_ops:
+            return autotune(tune_mode=True, cache=cache, skip_ops=set(skip_ops))  # type: ignore[no-any-return]
         return autotune(tune_mode=True, cache=cache)  # type: ignore[no-any-return]
 
     @contextlib.contextmanager
-    def tuning(self) -> Iterator[None]:
+    def tuning(self, *, skip_ops: tuple[str, ...] = ()) -> Iterator[None]:
         path = self._tuned_file
         path.unlink(missing_ok=True)  # export() returns this tuning's results only
-        with torch.inference_mode(), self._context(str(path)):
+        with torch.inference_mode(), self._context(str(path), skip_ops):
             yield
+
+    # -- tuning together, vLLM 0.34's way (warmplan.autotune.policy.RankedBackend) --------
+
+    @property
+    def tunes_together(self) -> bool:
+        """``flashinfer``'s results are FlashInfer tables; the DSv4 decode tuner's are not."""
+        return self._name == "flashinfer"
+
+    def running_metadata(self) -> Mapping[str, str] | None:
+        try:
+            from flashinfer.autotuner import _collect_metadata
+
+            return {str(k): str(v) for k, v in _collect_metadata().items()}
+        except Exception:
+            return None
+
+    def clear(self) -> None:
+        from flashinfer.autotuner import AutoTuner
+
+        AutoTuner.get().clear_cache()
+
+    def tune_process_group(self, world: Any) -> Any:
+        """vLLM's tune group (TP when PP > 1, else the world), as ``flashinfer_autotune``."""
+        from warmplan.workers.vllm.autotune_cache import tune_group
+
+        group = tune_group()
+        if group is None and world.world_size > 1:
+            group = getattr(world, "process_group", None)
+        return group
+
+    @contextlib.contextmanager
+    def tuning_together(self, *, group: Any, skip_ops: tuple[str, ...]) -> Iterator[None]:
+        from flashinfer.autotuner import set_autotune_process_group
+
+        set_autotune_process_group(group)
+        try:
+            with self.tuning(skip_ops=skip_ops):
+                yield
+        finally:
+            set_autotune_process_group(None)
+
+    def pass_scope(
+        self, *, buckets: tuple[int, ...] | None, round_up: bool | None
+    ) -> contextlib.AbstractContextManager[Any]:
+        """``vllm.utils.flashinfer.autotune(tuning_buckets=, round_up=)``, as vLLM runs each pass."""
+        if buckets is None and round_up is None:
+            return contextlib.nullcontext()
+        try:
+            from vllm.utils.flashinfer import autotune
+        except ImportError:
+            from flashinfer.autotuner import autotune
+        kw: dict[str, Any] = {}
+        if buckets is not None:
+            kw["tuning_buckets"] = buckets
+        if round_up is not None:
+            kw["round_up"] = round_up
+        return autotune(**kw)  # type: ignore[no-any-return]
+
+    def vllm_cache_file(self, rank: int) -> Any:
+        """vLLM's own file for this rank (``warmplan.workers.vllm.autotune_cache``), or
+        ``None`` when no vLLM config is at hand (then warmplan computes the layout)."""
+        config = self._vllm_config
+        if config is None:
+            try:
+                from vllm.config import get_current_vllm_config_or_none
+
+                config = get_current_vllm_config_or_none()
+            except ImportError:
+                config = None
+        if config is None:
+            return None
+        from warmplan.workers.vllm.autotune_cache import vllm_cache_file
+
+        return vllm_cache_file(config, rank)
 
     def export(self) -> bytes:
         path = self._tuned_file
