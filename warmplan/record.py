@@ -47,7 +47,7 @@ from warmplan.monitor import CompileEvent, JitMonitor
 from warmplan.plan import Plan
 from warmplan.scheduler import DEFAULT_STEP_S, Replay, SchedulerLimits, replay_batches
 from warmplan.trace import RecordedCompile, Trace, TraceEntry, TraceKind
-from warmplan.verify import engine_name, replay_entries
+from warmplan.verify import engine_name, hint_for, replay_entries
 from warmplan.workers.base import Batch, PrefillChunk, ServingWorker, Worker
 
 log = get_logger(__name__)
@@ -424,7 +424,7 @@ def record(
         if events:
             hit.append(index)
 
-    monitor = JitMonitor()
+    monitor = JitMonitor(hint=hint_for([entries]))
     monitor.install()
     try:
         report = run_plan(plan, worker, monitor=monitor)

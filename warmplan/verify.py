@@ -161,7 +161,7 @@ class VerifyResult:
         return f"{head}; this replay: {seen} ({same})"
 
 
-def _hint_for(current: list[Sequence[TraceEntry]]) -> Callable[[CompileEvent], str | None]:
+def hint_for(current: list[Sequence[TraceEntry]]) -> Callable[[CompileEvent], str | None]:
     """A monitor hint naming the trace line of an event's batch (``current[0]``: the
     entries of the trace being replayed)."""
 
@@ -232,7 +232,7 @@ def verify_all(
     limits = limits or SchedulerLimits.of_worker(worker)
     replays = [replay_batches(t, limits, step_s=step_s) for t in traces]
     current: list[Sequence[TraceEntry]] = [()]
-    hint = _hint_for(current)
+    hint = hint_for(current)
     monitor = monitor or JitMonitor(hint=hint)
     monitor.install()
     results: list[VerifyResult] = []
