@@ -402,3 +402,25 @@ def test_cli_replays_several_traces_after_one_warmup(
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("plan fake-1: warmup 1 compiles") == 2
+
+
+def test_cli_request_past_max_model_len_exits_1_before_warmup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request the worker can never serve: one line naming file:line, exit 1, no run."""
+    worker = CompilingWorker()
+    worker.config = type("Config", (), {"max_model_len": 4096})()  # type: ignore[attr-defined]
+    monkeypatch.setattr(verify_cmd, "make_worker", lambda args, plan: worker)
+    trace = _trace(
+        tmp_path,
+        '{"prompt_tokens": 10, "output_tokens": 2}\n'
+        '{"id": "big", "prompt_tokens": 4000, "output_tokens": 200}\n',
+    )
+    assert main(["verify", str(_plan(tmp_path, 1)), "--trace", str(trace)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"warmplan: error: {trace}:2: request 'big' needs 4200 tokens of context "
+        "(4000 prompt + 200 output); the worker's max_model_len is 4096"
+    )
+    assert worker.calls == []
+    assert main(["verify", str(_plan(tmp_path, 1)), "--trace", str(trace), "--step-ms", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "warmplan: error: --step-ms must be > 0: 0.0"
