@@ -33,6 +33,7 @@ COMPILING_MODULES = (
     "vllm_real/",
     "test_monitor.py",
     "test_record.py",
+    "test_reliability_cli.py",
     "test_verify.py",
     "test_vllm_adapter.py",
     "test_vllm_contract.py",
