@@ -20,6 +20,10 @@ each only when its framework is importable:
   runs eagerly from then on; dynamo logs a warning once per frame, which becomes an
   ``eager_fallback`` event (counted as a compile-miss: the shape was not covered).
   Later calls of that frame are silent: dynamo no longer looks at it.
+* **FlashInfer autotune misses** - a shape FlashInfer serves with its fallback
+  tactic because no tuned entry covers it (``warmplan.monitor.flashinfer``: its
+  tuner's warning on the ``flashinfer.jit`` logger becomes an ``autotune_miss``
+  event, counted like a compile: a shape the warmup did not cover).
 
 Nothing raises inside a framework hook (dynamo and inductor may swallow or wrap
 it). In ``error`` mode the first real compile is recorded and raised as
@@ -47,6 +51,7 @@ from warmplan.monitor.events import (
     MonitorMode,
     check_mode,
 )
+from warmplan.monitor.flashinfer import FlashInferSource
 from warmplan.monitor.triton import TritonSource
 
 __all__ = [
@@ -122,6 +127,7 @@ class JitMonitor:
         self.store = EventStore(mode=mode, hint=hint, quiet_sources=quiet_sources)
         self.triton = TritonSource(self.store)
         self.dynamo = DynamoSource(self.store)
+        self.flashinfer = FlashInferSource(self.store)
         self.installed = False
 
     @property
@@ -159,6 +165,7 @@ class JitMonitor:
         self.installed = True
         self.triton.install()
         self.dynamo.install()
+        self.flashinfer.install()
 
     def uninstall(self) -> None:
         """Remove this monitor's hooks and restore the ones it chained to."""
@@ -167,6 +174,7 @@ class JitMonitor:
         self.installed = False
         self.triton.uninstall()
         self.dynamo.uninstall()
+        self.flashinfer.uninstall()
 
     def __enter__(self) -> JitMonitor:
         self.install()

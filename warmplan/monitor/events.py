@@ -16,7 +16,7 @@ from warmplan.log import get_logger
 MonitorMode = Literal["off", "warn", "error"]
 MONITOR_MODES: tuple[MonitorMode, ...] = ("off", "warn", "error")
 
-EventKind = Literal["triton", "dynamo", "eager_fallback"]
+EventKind = Literal["triton", "dynamo", "eager_fallback", "autotune_miss"]
 
 Hint = Callable[["CompileEvent"], "str | None"]
 
@@ -63,6 +63,7 @@ class CompileEvent:
             "triton": "triton kernel",
             "dynamo": "torch.compile of",
             "eager_fallback": ("eager fallback (recompile limit) of"),
+            "autotune_miss": "FlashInfer autotune miss (fallback tactic, shape not tuned) of",
         }[self.kind]
         during = f" during {self.label!r}" if self.label is not None else ""
         return f"{what} {self.name!r} key {self.key!r}{during}"
