@@ -214,7 +214,7 @@ def test_cache_path_cannot_escape_root_through_a_symlink(tmp_path: Path) -> None
     with pytest.raises(PlanError) as info:
         resolve(plan, limits(), cuda(), CacheContext(cache_root=str(tmp_path / "root")))
     assert info.value.problems == [
-        f"t.yaml:4: steps[0].cache.path: renders to {tmp_path}/root/autotune/x.json, which "
+        f"t.yaml:4:94: steps[0].cache.path: renders to {tmp_path}/root/autotune/x.json, which "
         f"resolves to {tmp_path}/outside/x.json through a symbolic link, outside the cache root {tmp_path}/root"
     ]
     assert list((tmp_path / "outside").iterdir()) == []
@@ -275,3 +275,23 @@ def test_applied_never_exceeds_limit_order_kept(requested: list[int], limit: int
     assert list(step.applied) == expected
     assert all(0 < a <= limit for a in step.applied)
     assert (step.skipped is None) == bool(expected)
+
+
+def test_resolution_problem_of_a_plan_built_in_code_names_the_step_line() -> None:
+    """Without the plan's text, a resolution problem still has the file:line:column form."""
+    from warmplan.steps.base import ResolveContext
+    from warmplan.steps.slot_mapping import SlotMappingStep
+
+    context = ResolveContext(
+        limits=limits(),
+        facts=cuda(),
+        cache=ctx(),
+        plan_path=None,
+        index=2,
+        skipped=None,
+        replaced_by=None,
+    )
+    step = SlotMappingStep(id="a", kind="slot_mapping", tokens=(1,), line=7)
+    assert context.error(step, "cache.path", "bad").problems == [
+        "<plan>:7:1: steps[2].cache.path: bad"
+    ]

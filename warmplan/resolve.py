@@ -134,6 +134,7 @@ def resolve(
             facts=facts,
             cache=cache,
             plan_path=plan.path,
+            plan_source=plan.source,
             index=index,
             skipped=skipped,
             replaced_by=replaced.get(step.id),

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypedDict, TypeVar
 
+from warmplan.diagnostics import Report, format_path, read_yaml
 from warmplan.errors import PlanError
 from warmplan.log import Logger
 from warmplan.steps.common import Gates, Path, Problems
@@ -151,6 +152,7 @@ class ResolveContext:
     facts: Facts
     cache: CacheContext
     plan_path: str | None
+    plan_source: str = ""  # the plan's text, to place a resolution problem in it
     index: int  # the step's position in the plan
     skipped: str | None  # why a gate or ``enabled: false`` skips the step, if one does
     replaced_by: str | None  # the active step that covers this one
@@ -177,9 +179,17 @@ class ResolveContext:
         )
 
     def error(self, step: StepSpec, path: str, message: str) -> PlanError:
-        """A resolution problem, named by the plan file, the step's line and the field."""
-        where = f"{self.plan_path or '<plan>'}:{step.line}"
-        return PlanError([f"{where}: steps[{self.index}].{path}: {message}"])
+        """A resolution problem (``path``: the field, dotted, such as ``cache.path``) in
+        the form every input's problems take, ``file:line:column: steps[i].field:
+        message``; the position is read back from the plan's text only now, so that
+        resolving a valid plan records nothing extra."""
+        file = self.plan_path or "<plan>"
+        where: Path = ("steps", self.index, *path.split("."))
+        if not self.plan_source:  # a plan built in code: the step's line is all there is
+            return PlanError([f"{file}:{step.line}:1: {format_path(where)}: {message}"])
+        report = Report(file, read_yaml(self.plan_source, file=file))
+        report.add(where, message)
+        return PlanError(report.messages())
 
 
 # --------------------------------------------------------------------------- runs
