@@ -147,7 +147,7 @@ def test_a_recorded_trace_replays_with_the_compile_count_seen_live(tmp_path: Pat
     replay = verify(_load(plan), CompilingWorker(), recorded, path=str(out))
     assert (replay.compiles, replay.batches_hit, replay.recorded) == (2, [1, 3], 2)
     assert replay.recorded_line() == (
-        "recorded live: 2 compile events (compiles and disk loads); this replay: 2 (the same)"
+        "recorded live: 2 events (compiles, disk and device loads, autotune misses); this replay: 2 (the same)"
     )
 
 
@@ -175,7 +175,7 @@ def test_cli_record_then_verify_then_suggest_a_patch_that_covers(
     assert main(["verify", "plan.yaml", "--trace", "rec.jsonl"]) == 0
     verified = capsys.readouterr().out.splitlines()
     assert verified[-1] == (
-        "recorded live: 2 compile events (compiles and disk loads); this replay: 2 (the same)"
+        "recorded live: 2 events (compiles, disk and device loads, autotune misses); this replay: 2 (the same)"
     )
 
     assert main(["suggest", "plan.yaml", "--trace", "rec.jsonl", "--out", "fix.patch"]) == 0
@@ -233,7 +233,7 @@ def test_a_trace_recorded_elsewhere_is_not_compared(tmp_path: Path) -> None:
     torch._dynamo.reset()
     other = verify(_load(plan), CompilingWorker(), read_trace(out), path=str(out))
     assert other.recorded_line() == (
-        "recorded live: 2 compile events (compiles and disk loads) after plan 'production'; "
+        "recorded live: 2 events (compiles, disk and device loads, autotune misses) after plan 'production'; "
         "not compared"
     )
     big = tmp_path / "big.jsonl"
@@ -242,7 +242,7 @@ def test_a_trace_recorded_elsewhere_is_not_compared(tmp_path: Path) -> None:
     torch._dynamo.reset()
     rechunked = verify(_load(plan), CompilingWorker(), read_trace(big), path=str(big))
     assert rechunked.recorded_line() == (
-        "recorded live: 1 compile events (compiles and disk loads) on a worker with other "
+        "recorded live: 1 events (compiles, disk and device loads, autotune misses) on a worker with other "
         "limits (1 batches re-chunked here); not compared"
     )
 

@@ -285,7 +285,7 @@ def test_cli_json_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     data = json.loads(capsys.readouterr().out)
     assert data["plan"]["name"] == "fake-1"
     assert (data["batches"], data["covered"]) == (4, False)
-    assert data["warmup"] == {"compiles": 1, "cache_loads": 0}
+    assert data["warmup"] == {"compiles": 1, "cache_loads": 0, "cold": 0}
     assert data["replay"]["compiles"] == 2
     assert data["replay"]["batches_hit"] == [1, 2]
     assert [(e["batch"], e["line"], e["kind"], e["key"]) for e in data["replay"]["events"]] == [

@@ -44,6 +44,7 @@ from typing import IO, Any
 from warmplan.errors import UserError
 from warmplan.log import get_logger
 from warmplan.monitor import CompileEvent, JitMonitor
+from warmplan.monitor.cold import ColdEvent, ColdWatcher
 from warmplan.plan import Plan
 from warmplan.scheduler import DEFAULT_STEP_S, Replay, SchedulerLimits, replay_batches
 from warmplan.trace import RecordedCompile, Trace, TraceEntry, TraceKind
@@ -55,7 +56,7 @@ log = get_logger(__name__)
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_BACKUPS = 3
 
-CompileLike = CompileEvent | RecordedCompile | Mapping[str, Any]
+CompileLike = CompileEvent | ColdEvent | RecordedCompile | Mapping[str, Any]
 
 
 def _compile_dict(event: CompileLike) -> dict[str, Any]:
@@ -371,6 +372,7 @@ class RecordResult:
     stats: RecorderStats
     report: Any = None
     replay: Replay | None = None
+    cold: list[ColdEvent] = field(default_factory=list)
 
     @property
     def compiles(self) -> int:
@@ -387,9 +389,11 @@ class RecordResult:
             "live": {
                 "compiles": self.compiles,
                 "cache_loads": self.cache_loads,
+                "device_loads": sum(1 for e in self.cold if e.kind == "device_load"),
+                "autotune_misses": sum(1 for e in self.cold if e.kind == "autotune_miss"),
                 "batches_hit": self.batches_hit,
                 "duration_s": sum(self.seconds),
-                "events": [e.to_dict() for e in self.events],
+                "events": [e.to_dict() for e in self.events] + [e.to_dict() for e in self.cold],
             },
             "recorder": self.stats.to_dict(),
             "scheduling": None if self.replay is None else self.replay.to_dict(),
@@ -418,21 +422,30 @@ def record(
     replay = replay_batches(trace, limits or SchedulerLimits.of_worker(worker), step_s=step_s)
     entries = list(replay.entries)
     hit: list[int] = []
+    monitor = JitMonitor(hint=hint_for([entries]))
+    cold = ColdWatcher(monitor.store.label)
+    cold_seen = [0]
 
     def after(index: int, entry: TraceEntry, events: list[CompileEvent]) -> None:
-        recorder.record_batch(entry.batch, compiles=events, step=index)
-        if events:
+        new_cold = cold.events[cold_seen[0] :]
+        cold_seen[0] += len(new_cold)
+        everything: list[CompileLike] = [*events, *new_cold]
+        recorder.record_batch(entry.batch, compiles=everything, step=index)
+        if everything:
             hit.append(index)
 
-    monitor = JitMonitor(hint=hint_for([entries]))
     monitor.install()
+    cold.install()
     try:
         report = run_plan(plan, worker, monitor=monitor)
         warmup = monitor.events
+        warmup_cold = cold_seen[0] = len(cold.events)
         monitor.arm("warn")
         seconds = replay_entries(worker, entries, monitor, path=trace.path, after_batch=after)
         live = monitor.events[len(warmup) :]
+        live_cold = cold.events[warmup_cold:]
     finally:
+        cold.uninstall()
         monitor.uninstall()
         recorder.close()
     return RecordResult(
@@ -445,4 +458,5 @@ def record(
         stats=recorder.stats,
         report=report,
         replay=replay,
+        cold=live_cold,
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import yaml
 
@@ -35,6 +35,17 @@ if TYPE_CHECKING:
     from warmplan.monitor import EventKind
 
 Padding = Callable[[int], int]
+
+
+class EventLike(Protocol):
+    """What ``suggest`` reads of an event: its label (``batch[N]``) and whether it was
+    a disk-cache load (``CompileEvent``, or a ``ColdEvent`` device load)."""
+
+    @property
+    def label(self) -> str | None: ...
+
+    @property
+    def cache_hit(self) -> bool: ...
 
 
 class _FlowList(list[int]):
@@ -102,7 +113,7 @@ def padding_of(worker: object) -> Padding | None:
 
 
 def suggest(
-    events: Iterable[CompileEvent],
+    events: Iterable[EventLike],
     batches: Sequence[Batch],
     *,
     padded_num_tokens: Padding | None = None,

@@ -19,6 +19,7 @@ from typing import Any
 
 from warmplan.errors import StepError, UserError
 from warmplan.monitor import CompileEvent, JitMonitor
+from warmplan.monitor.cold import ColdEvent, ColdWatcher
 from warmplan.plan import Plan
 from warmplan.scheduler import DEFAULT_STEP_S, Replay, SchedulerLimits, replay_batches
 from warmplan.suggest import Suggestion, padding_of, shape_of, suggest
@@ -42,6 +43,8 @@ class VerifyResult:
     report: Any = None
     replay: Replay | None = None
     plan_name: str | None = None
+    cold: list[ColdEvent] = field(default_factory=list)
+    warmup_cold: int = 0
 
     @property
     def compiles(self) -> int:
@@ -52,12 +55,23 @@ class VerifyResult:
         return sum(1 for e in self.events if e.cache_hit)
 
     @property
+    def device_loads(self) -> int:
+        return sum(1 for e in self.cold if e.kind == "device_load")
+
+    @property
+    def autotune_misses(self) -> int:
+        return sum(1 for e in self.cold if e.kind == "autotune_miss")
+
+    @property
     def batches_hit(self) -> list[int]:
-        return sorted({i for e in self.events if (i := batch_index(e.label)) is not None})
+        labels = [e.label for e in self.events] + [e.label for e in self.cold]
+        return sorted({i for label in labels if (i := batch_index(label)) is not None})
 
     @property
     def covered(self) -> bool:
-        return not self.events
+        """Nothing compiled, loaded from disk, loaded onto the device or missed a
+        tuned entry during the replay."""
+        return not self.events and not self.cold
 
     @property
     def recorded(self) -> int | None:
@@ -74,7 +88,9 @@ class VerifyResult:
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
-        for e in self.events:
+        cache = {"device_load": "device load", "autotune_miss": "tune miss"}
+        events: list[CompileEvent | ColdEvent] = [*self.events, *self.cold]
+        for e in events:
             index = batch_index(e.label)
             out.append(
                 {
@@ -83,7 +99,7 @@ class VerifyResult:
                     "kind": e.kind,
                     "name": e.name,
                     "key": e.key,
-                    "cache": "disk load" if e.cache_hit else "compile",
+                    "cache": cache.get(e.kind, "disk load" if e.cache_hit else "compile"),
                     "time": None if e.duration_s is None else f"{e.duration_s * 1000:.1f}ms",
                 }
             )
@@ -110,13 +126,20 @@ class VerifyResult:
             "trace": self.trace,
             "batches": len(self.entries),
             "covered": self.covered,
-            "warmup": {"compiles": self.warmup_compiles, "cache_loads": self.warmup_cache_loads},
+            "warmup": {
+                "compiles": self.warmup_compiles,
+                "cache_loads": self.warmup_cache_loads,
+                "cold": self.warmup_cold,
+            },
             "replay": {
                 "compiles": self.compiles,
                 "cache_loads": self.cache_loads,
+                "device_loads": self.device_loads,
+                "autotune_misses": self.autotune_misses,
                 "batches_hit": self.batches_hit,
                 "duration_s": sum(self.batch_seconds),
                 "events": events,
+                "cold": [e.to_dict() | {"batch": batch_index(e.label)} for e in self.cold],
             },
             "recorded": None if self.recorded is None else {"events": self.recorded},
             "scheduling": None if self.replay is None else self.replay.to_dict(),
@@ -128,8 +151,13 @@ class VerifyResult:
         if self.covered:
             return f"covered: {n} batches from {self.trace} replayed with no compilation"
         hit = self.batches_hit
+        cold = (
+            f", {self.device_loads} first device loads and {self.autotune_misses} autotune misses"
+            if self.cold
+            else ""
+        )
         return (
-            f"NOT covered: {self.compiles} compiles and {self.cache_loads} disk-cache loads "
+            f"NOT covered: {self.compiles} compiles and {self.cache_loads} disk-cache loads{cold} "
             f"in {len(hit)} of {n} batches from {self.trace}"
         )
 
@@ -140,7 +168,7 @@ class VerifyResult:
         live = self.recorded
         if live is None or self.replay is None:
             return None
-        head = f"recorded live: {live} compile events (compiles and disk loads)"
+        head = f"recorded live: {live} events (compiles, disk and device loads, autotune misses)"
         if self.replay.rechunked:
             n = len(self.replay.rechunked)
             return (
@@ -153,7 +181,7 @@ class VerifyResult:
             and recorded_plan != self.plan_name
         ):
             return f"{head} after plan {recorded_plan!r}; not compared"
-        seen = len(self.events)
+        seen = len(self.events) + len(self.cold)
         if seen == live:
             same = "the same"
         else:
@@ -235,17 +263,21 @@ def verify_all(
     hint = hint_for(current)
     monitor = monitor or JitMonitor(hint=hint)
     monitor.install()
+    cold = ColdWatcher(monitor.store.label)
+    cold.install()
     results: list[VerifyResult] = []
     try:
         report = run_plan(plan, worker, monitor=monitor)
         warmup = monitor.events
+        warmup_cold = len(cold.events)
         monitor.arm("warn")
         for replay in replays:
             entries = list(replay.entries)
             current[0] = entries
-            before = len(monitor.events)
+            before, cold_before = len(monitor.events), len(cold.events)
             seconds = replay_entries(worker, entries, monitor, path=replay.trace.path)
             replayed = monitor.events[before:]
+            replayed_cold = cold.events[cold_before:]
             results.append(
                 VerifyResult(
                     trace=replay.trace.path,
@@ -255,14 +287,19 @@ def verify_all(
                     events=replayed,
                     batch_seconds=seconds,
                     suggestions=suggest(
-                        replayed, [e.batch for e in entries], padded_num_tokens=padding_of(worker)
+                        [*replayed, *(e for e in replayed_cold if e.kind == "device_load")],
+                        [e.batch for e in entries],
+                        padded_num_tokens=padding_of(worker),
                     ),
                     report=report,
                     replay=replay,
                     plan_name=plan.name,
+                    cold=replayed_cold,
+                    warmup_cold=warmup_cold,
                 )
             )
     finally:
+        cold.uninstall()
         monitor.uninstall()
     return results
 

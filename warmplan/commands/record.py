@@ -138,8 +138,13 @@ def run(args: argparse.Namespace) -> int:
         for line in result.replay.describe():
             print(line)
     stats = result.stats
+    cold = (
+        f" and {len(result.cold)} cold starts (device loads, autotune misses)"
+        if result.cold
+        else ""
+    )
     print(
-        f"live: {result.compiles} compiles and {result.cache_loads} disk-cache loads in "
+        f"live: {result.compiles} compiles and {result.cache_loads} disk-cache loads{cold} in "
         f"{len(result.batches_hit)} of {result.batches} batches"
     )
     rotated = f", {stats.rotations} rotations" if stats.rotations else ""

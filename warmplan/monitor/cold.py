@@ -1,0 +1,181 @@
+"""Cold beyond compiles: a kernel's first load onto the device, and an autotuner miss.
+
+A compile is not the only thing that makes a request slow after warmup:
+
+* **device load** - Triton loads a compiled kernel's binary onto the device lazily,
+  at its first launch (``CompiledKernel._init_handles``: ``load_binary``). A binary
+  that came from the on-disk cache but was never launched during warmup is loaded
+  while serving: a stall, and an allocation that can fail for memory hours in.
+* **autotune miss** - a tuned op called with a shape outside what was tuned runs a
+  default tactic, silently (FlashInfer logs once). Tuning backends report it with
+  ``report_autotune_miss(backend, op, key)``.
+
+``ColdWatcher`` records both as ``ColdEvent`` with the monitor's current label (the
+step or ``batch[N]``), so they are counted per step and per batch like compiles.
+Every watcher installed sees every event; the Triton hook is installed once for all
+of them and removed with the last. Nothing raises inside a hook. This module never
+imports torch; Triton only when it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from warmplan.log import get_logger
+
+ColdKind = Literal["device_load", "autotune_miss"]
+COLD_KINDS: Final[tuple[ColdKind, ...]] = ("device_load", "autotune_miss")
+
+_log = get_logger("warmplan.monitor")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ColdEvent:
+    """One cold start that is not a compile: ``kind`` (``device_load`` or
+    ``autotune_miss``), the kernel or ``backend:op``, its key (the kernel's hash, or
+    the shape the tuner had no entry for), and the label in progress."""
+
+    kind: ColdKind
+    name: str
+    key: str
+    label: str | None
+    duration_s: float | None = None
+
+    @property
+    def cache_hit(self) -> bool:
+        """Never a disk-cache load (the field a trace's ``compiles`` entries carry)."""
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "key": self.key,
+            "label": self.label,
+            "cache_hit": False,
+            "duration_s": self.duration_s,
+        }
+
+    def describe(self) -> str:
+        what = {"device_load": "first device load of kernel", "autotune_miss": "autotune miss in"}
+        during = f" during {self.label!r}" if self.label is not None else ""
+        return f"{what[self.kind]} {self.name!r} key {self.key!r}{during}"
+
+
+_active: list[ColdWatcher] = []
+_guard = threading.Lock()
+_triton_patch: tuple[Any, Any] | None = None  # (CompiledKernel, its own _init_handles)
+
+
+def report_autotune_miss(backend: str, op: str, key: str) -> None:
+    """Tell every installed watcher that ``backend`` served ``op`` at ``key`` (a shape
+    bucket, say) with no tuned entry: a default tactic ran. For tuning backends."""
+    for watcher in list(_active):
+        watcher.record("autotune_miss", f"{backend}:{op}", key, None)
+
+
+class ColdWatcher:
+    """Records device loads and autotune misses, labelled by ``label()`` (the JIT
+    monitor's ``store.label``)."""
+
+    def __init__(self, label: Callable[[], str | None] = lambda: None) -> None:
+        self._label = label
+        self._events: list[ColdEvent] = []
+        self._lock = threading.Lock()
+        self.installed = False
+
+    @property
+    def events(self) -> list[ColdEvent]:
+        """Every event so far, oldest first (a copy)."""
+        with self._lock:
+            return list(self._events)
+
+    def count(self, kind: ColdKind | None = None, label: str | None = None) -> int:
+        """Events of ``kind`` (all kinds: ``None``) for ``label`` (all labels: ``None``)."""
+        return sum(
+            1
+            for e in self.events
+            if (kind is None or e.kind == kind) and (label is None or e.label == label)
+        )
+
+    def record(self, kind: ColdKind, name: str, key: str, duration_s: float | None) -> None:
+        try:
+            label = self._label()
+        except Exception:  # a broken label source must not lose the event
+            label = None
+        event = ColdEvent(kind=kind, name=name, key=key, label=label, duration_s=duration_s)
+        with self._lock:
+            self._events.append(event)
+        _log.debug("jit_cold_event", **event.to_dict())
+
+    def install(self) -> None:
+        """Start watching (idempotent); hooks Triton's lazy binary load when installed."""
+        global _triton_patch
+        with _guard:
+            if self.installed:
+                return
+            self.installed = True
+            _active.append(self)
+            if _triton_patch is None:
+                _triton_patch = _patch_triton()
+
+    def uninstall(self) -> None:
+        """Stop watching; the last watcher out restores Triton's own method."""
+        global _triton_patch
+        with _guard:
+            if not self.installed:
+                return
+            self.installed = False
+            _active.remove(self)
+            if not _active and _triton_patch is not None:
+                cls, original = _triton_patch
+                cls._init_handles = original
+                _triton_patch = None
+
+    def __enter__(self) -> ColdWatcher:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+
+def _patch_triton() -> tuple[Any, Any] | None:
+    if "triton" not in sys.modules and importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        compiler = importlib.import_module("triton.compiler.compiler")
+    except Exception as exc:  # triton present but broken (no driver): nothing to watch
+        _log.debug("jit_cold_triton_unavailable", error=repr(exc))
+        return None
+    cls = getattr(compiler, "CompiledKernel", None)
+    original = getattr(cls, "_init_handles", None)
+    if cls is None or original is None:
+        return None
+
+    def _init_handles(kernel: Any) -> Any:
+        # The binary is loaded once: while the module handle is still None.
+        first = getattr(kernel, "module", getattr(kernel, "cu_module", None)) is None
+        started = time.perf_counter()
+        result = original(kernel)
+        if first:
+            try:
+                name = str(getattr(kernel, "name", None) or "<triton>")
+                meta = getattr(kernel, "metadata", None)
+                key = str(getattr(meta, "hash", None) or getattr(kernel, "hash", "?"))[:16]
+                duration = time.perf_counter() - started
+                for watcher in list(_active):
+                    watcher.record("device_load", name, key, duration)
+            except Exception as exc:
+                _log.debug("jit_cold_hook_failed", error=repr(exc))
+        return result
+
+    cls._init_handles = _init_handles
+    return cls, original
