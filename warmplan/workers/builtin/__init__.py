@@ -59,16 +59,32 @@ def __getattr__(name: str) -> Any:
 
 
 def build_worker(
-    config_mapping: Mapping[str, Any] | None, *, device: str = "auto", world: World | None = None
+    config_mapping: Mapping[str, Any] | None,
+    *,
+    device: str = "auto",
+    world: World | None = None,
+    cache_root: str | None = None,
+    aot: bool = True,
 ) -> BuiltinWorker:
     """Build the engine from a plan's ``builtin`` mapping (unknown keys rejected).
 
     ``device`` other than ``"auto"`` overrides the mapping's ``device``; ``world`` is
-    the ranks it runs among (single-process by default).
+    the ranks it runs among (single-process by default). Inductor's, Triton's and
+    FlashInfer's caches are put under ``cache_root`` (default: the warmplan cache
+    root) where the operator has not placed them (``warmplan.cache_root.unify``);
+    with ``aot`` (the default; ``WARMPLAN_AOT=0`` turns it off) the compiled
+    functions are loaded from, or saved to, ``<cache_root>/aot``, so that a restarted
+    worker does not trace them again.
     """
+    import os
+
+    from warmplan.cache_root import AOT_DIR, unify
     from warmplan.workers.builtin.worker import BuiltinWorker
 
     data = dict(config_mapping or {})
     if device != "auto":
         data["device"] = device
-    return BuiltinWorker(EngineConfig.from_mapping(data), world=world)
+    config = EngineConfig.from_mapping(data)
+    dirs = unify(cache_root)
+    aot = aot and os.environ.get("WARMPLAN_AOT", "1") != "0"
+    return BuiltinWorker(config, world=world, aot_root=dirs[AOT_DIR] if aot else None)

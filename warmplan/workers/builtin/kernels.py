@@ -17,13 +17,14 @@ about:
   bool on CPU) chosen per call, as in vLLM's ``_build_prefill_chunk_metadata_kernel``:
   a second chunk (context already cached) is a separate compiled variant.
 
-Triton is imported only when CUDA is available.
+Triton is imported only when CUDA is available. With an ``AotStore`` the compiled
+torch versions are loaded ahead of time (``warmplan.workers.builtin.aot``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +40,9 @@ except ImportError as exc:  # CPU machines, or no triton installed
     triton = None
     tl = None
     TRITON_IMPORT_ERROR = str(exc)
+
+if TYPE_CHECKING:
+    from warmplan.workers.builtin.aot import AotStore
 
 
 def size_class(num_tokens: int) -> str:
@@ -211,10 +215,14 @@ def triton_autotuners() -> dict[str, Any]:
 class Kernels:
     """The metadata kernels of one engine: Triton on CUDA, compiled torch elsewhere.
 
-    ``compiled=False`` runs the plain torch functions eagerly (tests of numerics).
+    ``compiled=False`` runs the plain torch functions eagerly (tests of numerics);
+    ``aot`` loads the compiled torch functions ahead of time (not the Triton kernels:
+    Triton's own disk cache holds those).
     """
 
-    def __init__(self, device: torch.device, *, compiled: bool = True) -> None:
+    def __init__(
+        self, device: torch.device, *, compiled: bool = True, aot: AotStore | None = None
+    ) -> None:
         self.use_triton = device.type == "cuda" and triton is not None
         self.compiled = compiled
         self._slot: dict[str, Callable[..., torch.Tensor]] = {}
@@ -227,6 +235,28 @@ class Kernels:
                 "other": torch.compile(_slot_mapping_other, dynamic=True),
             }
             self._meta = torch.compile(chunk_metadata_static, dynamic=False)
+            if aot is not None:
+                self._aot_wrap(aot)
+
+    def _aot_wrap(self, aot: AotStore) -> None:
+        from warmplan.workers.builtin.aot import AotFunction
+
+        fns = {"one": _slot_mapping_one, "div16": _slot_mapping_div16, "other": _slot_mapping_other}
+        for cls, fn in fns.items():
+
+            def slot_key(args: Sequence[object], cls: str = cls) -> str | None:
+                return cls
+
+            self._slot[cls] = AotFunction(
+                aot, f"slot_mapping-{cls}", fn, self._slot[cls], slot_key, dynamic=cls != "one"
+            )
+
+        def meta_key(args: Sequence[object]) -> str | None:
+            return f"prior{int(bool(args[-1]))}"
+
+        self._meta = AotFunction(
+            aot, "chunk_metadata", chunk_metadata_static, self._meta, meta_key, dynamic=False
+        )
 
     def slot_mapping(
         self,

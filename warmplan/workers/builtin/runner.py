@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 import torch
 
+from warmplan.workers.builtin.aot import AotFunction, AotStore
 from warmplan.workers.builtin.attention import ATTENTION_IMPLS, DEFAULT_IMPL
 from warmplan.workers.builtin.block_table import BlockPool
 from warmplan.workers.builtin.config import DECODE_CONTEXT as DECODE_CONTEXT  # home: config
@@ -119,7 +120,11 @@ class AttentionTuner:
 class ModelRunner:
     """The engine: owns the model, the KV caches, the step buffers and the graphs."""
 
-    def __init__(self, config: EngineConfig, *, compile: bool = True) -> None:
+    def __init__(
+        self, config: EngineConfig, *, compile: bool = True, aot_root: str | None = None
+    ) -> None:
+        """``aot_root``: where ahead-of-time compiled functions are loaded from and
+        saved to (``warmplan.workers.builtin.aot``); ``None`` compiles just in time."""
         cfg = self.config = config
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
@@ -141,8 +146,11 @@ class ModelRunner:
         ).eval()
         self.pool = BlockPool(cfg.num_blocks, cfg.block_size)
         self.compiled = compile
-        self.kernels = Kernels(self.device, compiled=compile)
         self.compile_sizes = cfg.effective_compile_sizes
+        self.aot: AotStore | None = None
+        if compile and aot_root is not None:
+            self.aot = AotStore.for_engine(aot_root, self.fingerprint(), self.device)
+        self.kernels = Kernels(self.device, compiled=compile, aot=self.aot)
         # topk needs at least index_topk kv entries; padding entries point at slot 0.
         self.min_kv = max(2, cfg.index_topk if cfg.preset == "sparse-mla" else 2)
         self.buffers = self._allocate_buffers()
@@ -155,6 +163,34 @@ class ModelRunner:
         self._dynamic = (
             torch.compile(_forward_dynamic, dynamic=True) if compile else _forward_dynamic
         )
+        # The compile sizes ahead of time (one artefact per size and attention impl;
+        # kv_slots, argument 4, keeps a dynamic length); any other call runs _static.
+        self._static_aot: AotFunction | None = None
+        if self.aot is not None:
+            sizes = frozenset(self.compile_sizes)
+
+            def key_of(args: Sequence[object]) -> str | None:
+                n, impl = getattr(args[1], "shape", (0,))[0], args[-1]
+                return f"n{n}-{impl}" if n in sizes and isinstance(impl, str) else None
+
+            self._static_aot = AotFunction(
+                self.aot,
+                "forward",
+                _forward_static,
+                self._static,
+                key_of,
+                dynamic=False,
+                mark_dynamic=((4, 0),),
+            )
+
+    def fingerprint(self) -> dict[str, object]:
+        """What changes the compiled code: the config (less device and seed), the
+        resolved dtype and device type, whether the MLP runs FlashInfer's GEMM."""
+        out: dict[str, object] = dict(self.config.fingerprint())
+        out["dtype"] = str(self.dtype).removeprefix("torch.")
+        out["device_type"] = self.device.type
+        out["flashinfer_gemm"] = self.flashinfer_gemm
+        return out
 
     def _allocate_buffers(self) -> dict[str, torch.Tensor]:
         cfg, dev = self.config, self.device
@@ -320,8 +356,12 @@ class ModelRunner:
             b["kv_lo"][:padded],
             b["kv_hi"][:padded],
         )
+        fn: Callable[..., torch.Tensor]
         if not self.compiled:
             fn, graph = self._static, "eager"
+        elif self._static_aot is not None and padded in self.compile_sizes:
+            # No runtime dim marking: a loaded artefact's guards refuse a marked tensor.
+            fn, graph = self._static_aot, "static"
         elif padded in self.compile_sizes:
             fn, graph = self._static, "static"
             torch._dynamo.maybe_mark_dynamic(args[3], 0)

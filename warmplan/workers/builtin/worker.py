@@ -48,7 +48,10 @@ class BuiltinWorker:
     """The reference paged-KV engine as a warmplan worker.
 
     ``compile=False`` runs the forward and the metadata kernels eagerly (same code,
-    no ``torch.compile``), for numerics tests.
+    no ``torch.compile``), for numerics tests. ``aot_root``: a directory of
+    ahead-of-time compiled functions to load from and save to (a restarted worker
+    loads instead of tracing; ``warmplan.workers.builtin.aot``); ``None`` compiles
+    just in time.
     """
 
     def __init__(
@@ -57,13 +60,14 @@ class BuiltinWorker:
         *,
         world: World | None = None,
         compile: bool = True,
+        aot_root: str | None = None,
     ) -> None:
         if not isinstance(config, EngineConfig):
             config = EngineConfig.from_mapping(config)
         self.config = config
         _check_memory(config)
         try:
-            self.runner = ModelRunner(config, compile=compile)
+            self.runner = ModelRunner(config, compile=compile, aot_root=aot_root)
         except (RuntimeError, MemoryError) as exc:  # torch's allocation failures
             raise ValueError(f"cannot allocate the engine: {exc}") from None
         if world is None:
