@@ -1,7 +1,12 @@
 """GPU check: FlashInfer autotune under policy together in vLLM's cache layout,
 cold tune vs warm load, and the table loaded the way vLLM 0.34 loads it.
 
-    python bench/autotune_vllm_layout_gpu.py tune|load|vllm_load|foreign DIR
+    python bench/autotune_vllm_layout_gpu.py PHASE DIR
+
+PHASE: ``tune``/``load`` (policy together, vLLM's layout), ``vllm_load`` (vLLM's
+loader), ``foreign`` (the file's cuda_version changed first), ``serve`` (load, then
+M = 128 and 1000 outside autotune under warmplan's monitor: 1000 is not tuned),
+``leader_tune``/``leader_load`` (policy leader, warmplan's file, run after load).
 
 DIR is ``VLLM_FLASHINFER_AUTOTUNE_CACHE_DIR``. The worker's run is
 ``flashinfer.mm_bf16(a, b, backend="cublaslt")`` at M = 256, tuned at FlashInfer's
@@ -78,6 +83,7 @@ def main() -> None:
             file_configs=len(AutoTuner.get()._file_configs),
         )
     else:
+        leader = phase.startswith("leader")
         step = ResolvedAutotune(
             id="fi-mm",
             kind="autotune",
@@ -87,12 +93,12 @@ def main() -> None:
             limit=256,
             shape="plain",
             backend="flashinfer",
-            policy="together",
+            policy="leader" if leader else "together",
             timeout_s=300,
-            cache_path=path,
+            cache_path=os.path.join(d, "warmplan", "fi.json") if leader else path,
             config_hash="gpu",
-            identity="vllm",
-            run_after_load=False,
+            identity="warmplan" if leader else "vllm",
+            run_after_load=leader,
             passes=((256, hybrid_buckets(256)),),
             round_up=True,
         )
@@ -109,8 +115,19 @@ def main() -> None:
             coverage=out.table.coverage if out.table else None,
             entries=out.table.entries if out.table else None,
         )
-        if os.path.exists(path):
+        if os.path.exists(path) and not leader:
             info["file_metadata"] = parse_table(Path(path).read_bytes()).metadata
+        if phase == "serve":
+            from warmplan.monitor import JitMonitor
+
+            with JitMonitor() as monitor:
+                for m in (128, 1000):
+                    with monitor.attribute(f"serve[{m}]"):
+                        worker.dummy_run("plain", m)
+                info["served"] = {
+                    f"serve[{m}]": monitor.compiles(f"serve[{m}]") for m in (128, 1000)
+                }
+                info["events"] = [e.describe() for e in monitor.events]
     print("RESULT " + json.dumps(info), flush=True)
 
 

@@ -36,6 +36,25 @@ def test_a_miss_is_an_event_of_the_batch_it_happened_in() -> None:
     assert len(monitor.events) == 1
 
 
+def test_flashinfers_own_logger_object_is_watched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FlashInfer instantiates its logger itself (outside logging's registry): the
+    source finds it on flashinfer.jit.core once imported, also after install."""
+    import sys
+    import types
+
+    own = logging.Logger("flashinfer.jit")  # as FlashInferJITLogger("flashinfer.jit")
+    assert own is not logging.getLogger("flashinfer.jit")
+    with JitMonitor() as monitor:
+        core = types.ModuleType("flashinfer.jit.core")
+        core.logger = own  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "flashinfer.jit.core", core)
+        with monitor.attribute("batch[1]"):
+            own.warning(MISS)
+        assert monitor.compiles("batch[1]") == 1
+    own.warning(MISS)
+    assert len(monitor.events) == 1 and own.handlers == []
+
+
 def test_a_miss_after_warmup_raises_in_error_mode() -> None:
     """Armed in error mode, a miss while serving raises like a compile."""
     with JitMonitor() as monitor:

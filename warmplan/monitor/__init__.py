@@ -22,7 +22,7 @@ each only when its framework is importable:
   Later calls of that frame are silent: dynamo no longer looks at it.
 * **FlashInfer autotune misses** - a shape FlashInfer serves with its fallback
   tactic because no tuned entry covers it (``warmplan.monitor.flashinfer``: its
-  tuner's warning on the ``flashinfer.jit`` logger becomes an ``autotune_miss``
+  tuner's warning on its ``flashinfer.jit`` logger becomes an ``autotune_miss``
   event, counted like a compile: a shape the warmup did not cover).
 
 Nothing raises inside a framework hook (dynamo and inductor may swallow or wrap
@@ -190,6 +190,7 @@ class JitMonitor:
         """Events during the block get ``label``; raises a pending ``JitCompileError`` at its end."""
         if self.installed:
             self.dynamo.ensure()
+            self.flashinfer.ensure()
         self.store.push_label(label)
         try:
             yield
