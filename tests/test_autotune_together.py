@@ -372,3 +372,46 @@ def test_hybrid_buckets_and_rounding() -> None:
     b = hybrid_buckets(512)
     assert (bucket_of(300, b, round_up=False), bucket_of(300, b, round_up=True)) == (256, 512)
     assert bucket_of(9000, b, round_up=True) == 512
+
+
+def test_flashinfer_defaults_to_together_others_to_leader(tmp_path: Path) -> None:
+    """No policy named: FlashInfer tunes together (a per-rank file, no forward after
+    a load), the other backends keep leader."""
+    limits = Limits(max_num_tokens=64, max_num_batched_tokens=64, max_num_seqs=8)
+    cache = CacheContext(cache_root=str(tmp_path), arch="sm90", rank=1, world_size=2)
+    facts = Facts(platform="cuda", device_capability=(9, 0))
+    got = {}
+    for backend in ("flashinfer", "triton"):
+        (step,) = resolve(
+            parse_plan(PLAN.format(backend=backend, extra="")), limits, facts, cache
+        ).steps
+        assert isinstance(step, ResolvedAutotune)
+        got[backend] = (step.policy, step.run_after_load, step.cache_path.endswith("/rank1.json"))
+    assert got == {"flashinfer": ("together", False, True), "triton": ("leader", True, False)}
+
+
+def test_report_says_what_was_ignored_loaded_and_skipped(tmp_path: Path) -> None:
+    """Through the executor: the report's autotune entry carries why a file was
+    ignored, the table's entries and coverage, and the skipped forward of a load."""
+    from warmplan.executor import run_plan
+    from warmplan.testing import RecordingWorker
+
+    plan = parse_plan(PLAN.format(backend="flashinfer", extra=""))
+
+    def report(stack: Mapping[str, str]) -> dict[str, Any]:
+        backend = RankedFake(name="flashinfer", stack=stack)
+        worker = RecordingWorker(backends={"flashinfer": backend})
+        entry = run_plan(plan, worker, cache_root=str(tmp_path)).to_dict()["steps"][0]
+        return dict(entry["autotune"])
+
+    cold = report(STACK)
+    assert (cold["decision"], cold["ignored"], cold["entries"]) == ("tune", None, 4)
+    assert cold["coverage"] == {"bf16_gemm": [1, 2, 4, 512]}
+    warm = report(STACK)
+    assert (warm["decision"], warm["ran_run"]) == ("load", False)
+    assert warm["run_skipped"].endswith("was not run (run_after_load: false)")
+    foreign = report({**STACK, "flashinfer_version": "0.7.3"})
+    assert foreign["decision"] == "tune"
+    assert foreign["ignored"] == (
+        "ignored: flashinfer_version differs: file has '0.7.2', running '0.7.3'"
+    )

@@ -26,8 +26,11 @@ RANKED_BACKENDS: Final[tuple[str, ...]] = ("flashinfer",)
 
 
 def default_policy(backend: str) -> Policy:
-    """The policy a plan gets when its cache block names none."""
-    return DEFAULT_POLICY
+    """The policy a plan gets when its cache block names none: ``together`` for
+    FlashInfer (its entries can be rank-keyed, so one rank's table misses on the
+    others, and its ranks must pick the same tactics; a warm start then skips the
+    tuning forward: docs/benchmarks.md), ``leader`` for the others."""
+    return "together" if backend in RANKED_BACKENDS else DEFAULT_POLICY
 
 
 def default_on_missing(policy: Policy) -> OnMissing:

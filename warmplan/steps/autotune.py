@@ -124,7 +124,7 @@ CACHE: dict[str, Any] = obj(
         },
         "policy": {
             "enum": list(POLICIES),
-            "description": "leader: rank 0 tunes and broadcasts; together: every rank tunes under FlashInfer's cross-rank timing reduction and keeps its own file, loading (and skipping the tuning forward) only when every rank's file matches; every_rank: each rank keeps its own file; load_only: never tune (default leader).",
+            "description": "leader: rank 0 tunes and broadcasts; together: every rank tunes under FlashInfer's cross-rank timing reduction and keeps its own file, loading (and skipping the tuning forward) only when every rank's file matches; every_rank: each rank keeps its own file; load_only: never tune (default: together for backend flashinfer, leader otherwise).",
         },
         "identity": {
             "enum": list(IDENTITIES),
