@@ -12,7 +12,8 @@ import pytest
 import torch._dynamo
 
 from tests._compiling import CompilingWorker
-from warmplan.monitor.cold import ColdEvent, ColdWatcher, report_autotune_miss
+from warmplan.monitor import CompileEvent, JitMonitor
+from warmplan.monitor.cold import ColdWatcher, report_autotune_miss
 from warmplan.plan import parse_plan
 from warmplan.record import TraceRecorder, record
 from warmplan.trace import read_trace
@@ -27,20 +28,25 @@ def _fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-def test_autotune_misses_are_recorded_with_the_label_in_progress() -> None:
-    """report_autotune_miss reaches every installed watcher, labelled; none after uninstall."""
-    label = ["batch[3]"]
-    with ColdWatcher(lambda: label[0]) as watcher:
-        report_autotune_miss("flashinfer", "mm_bf16", "m=96")
-        label[0] = "step-x"
-        report_autotune_miss("flashinfer", "mm_bf16", "m=7")
-    report_autotune_miss("flashinfer", "mm_bf16", "m=1")
-    assert watcher.events == [
-        ColdEvent(kind="autotune_miss", name="flashinfer:mm_bf16", key="m=96", label="batch[3]"),
-        ColdEvent(kind="autotune_miss", name="flashinfer:mm_bf16", key="m=7", label="step-x"),
+def test_autotune_misses_go_into_the_monitor_with_the_label_in_progress() -> None:
+    """report_autotune_miss records an autotune_miss event in each watched monitor,
+    labelled; nothing once the watcher is uninstalled."""
+    monitor = JitMonitor()
+    with ColdWatcher(monitor.store):
+        monitor.store.push_label("batch[3]")
+        report_autotune_miss("builtin", "attention", "bucket=128")
+        monitor.store.pop_label()
+    report_autotune_miss("builtin", "attention", "bucket=1")
+    assert monitor.events == [
+        CompileEvent(
+            kind="autotune_miss",
+            name="builtin:attention",
+            key="bucket=128",
+            label="batch[3]",
+            cache_hit=False,
+            duration_s=None,
+        )
     ]
-    assert watcher.count("autotune_miss", "batch[3]") == 1
-    assert watcher.count("device_load") == 0
 
 
 @pytest.fixture
@@ -71,7 +77,9 @@ def test_first_device_load_of_a_triton_kernel_is_recorded_once(fake_triton: Any)
     the last watcher out restores Triton's method."""
     original = fake_triton._init_handles
     kernel = fake_triton("_slot_mapping_kernel")
-    with ColdWatcher(lambda: "batch[0]") as watcher:
+    monitor = JitMonitor()
+    monitor.store.push_label("batch[0]")
+    with ColdWatcher(monitor.store) as watcher:
         kernel._init_handles()
         kernel._init_handles()
     assert [(e.kind, e.name, e.key, e.label) for e in watcher.events] == [
@@ -99,8 +107,9 @@ def test_verify_counts_autotune_misses_per_batch_and_is_not_covered(tmp_path: Pa
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"decode": 3}\n{"prefill": [{"tokens": 40}]}\n', encoding="utf-8")
     result = verify(parse_plan(PLAN), MissingWorker(), read_trace(trace), path=str(trace))
-    assert result.events == []
-    assert (result.autotune_misses, result.batches_hit, result.covered) == (1, [1], False)
+    assert [e.kind for e in result.events] == ["autotune_miss"]
+    assert (result.compiles, result.autotune_misses, result.batches_hit) == (0, 1, [1])
+    assert not result.covered and result.suggestions == []
     assert result.summary() == (
         f"NOT covered: 0 compiles and 0 disk-cache loads, 0 first device loads and 1 autotune "
         f"misses in 1 of 2 batches from {trace}"
@@ -114,7 +123,7 @@ def test_record_writes_cold_events_and_verify_compares_them(tmp_path: Path) -> N
     trace.write_text('{"decode": 3}\n{"prefill": [{"tokens": 40}]}\n', encoding="utf-8")
     out = tmp_path / "rec.jsonl"
     live = record(parse_plan(PLAN), MissingWorker(), read_trace(trace), TraceRecorder(out))
-    assert [e.kind for e in live.cold] == ["autotune_miss"]
+    assert (live.compiles, live.autotune_misses, live.batches_hit) == (0, 1, [1])
     recorded = read_trace(out)
     assert [c.kind for e in recorded.batches for c in e.compiles] == ["autotune_miss"]
     torch._dynamo.reset()

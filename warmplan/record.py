@@ -376,7 +376,12 @@ class RecordResult:
 
     @property
     def compiles(self) -> int:
-        return sum(1 for e in self.events if not e.cache_hit)
+        """Real compiles (eager fallbacks too), not disk-cache loads or autotune misses."""
+        return sum(1 for e in self.events if not e.cache_hit and e.kind != "autotune_miss")
+
+    @property
+    def autotune_misses(self) -> int:
+        return sum(1 for e in self.events if e.kind == "autotune_miss")
 
     @property
     def cache_loads(self) -> int:
@@ -389,8 +394,8 @@ class RecordResult:
             "live": {
                 "compiles": self.compiles,
                 "cache_loads": self.cache_loads,
-                "device_loads": sum(1 for e in self.cold if e.kind == "device_load"),
-                "autotune_misses": sum(1 for e in self.cold if e.kind == "autotune_miss"),
+                "device_loads": len(self.cold),
+                "autotune_misses": sum(1 for e in self.events if e.kind == "autotune_miss"),
                 "batches_hit": self.batches_hit,
                 "duration_s": sum(self.seconds),
                 "events": [e.to_dict() for e in self.events] + [e.to_dict() for e in self.cold],
@@ -423,7 +428,7 @@ def record(
     entries = list(replay.entries)
     hit: list[int] = []
     monitor = JitMonitor(hint=hint_for([entries]))
-    cold = ColdWatcher(monitor.store.label)
+    cold = ColdWatcher(monitor.store)
     cold_seen = [0]
 
     def after(index: int, entry: TraceEntry, events: list[CompileEvent]) -> None:

@@ -48,7 +48,8 @@ class VerifyResult:
 
     @property
     def compiles(self) -> int:
-        return sum(1 for e in self.events if not e.cache_hit)
+        """Real compiles (eager fallbacks too), not disk-cache loads or autotune misses."""
+        return sum(1 for e in self.events if not e.cache_hit and e.kind != "autotune_miss")
 
     @property
     def cache_loads(self) -> int:
@@ -60,7 +61,7 @@ class VerifyResult:
 
     @property
     def autotune_misses(self) -> int:
-        return sum(1 for e in self.cold if e.kind == "autotune_miss")
+        return sum(1 for e in self.events if e.kind == "autotune_miss")
 
     @property
     def batches_hit(self) -> list[int]:
@@ -153,7 +154,7 @@ class VerifyResult:
         hit = self.batches_hit
         cold = (
             f", {self.device_loads} first device loads and {self.autotune_misses} autotune misses"
-            if self.cold
+            if self.cold or self.autotune_misses
             else ""
         )
         return (
@@ -263,7 +264,7 @@ def verify_all(
     hint = hint_for(current)
     monitor = monitor or JitMonitor(hint=hint)
     monitor.install()
-    cold = ColdWatcher(monitor.store.label)
+    cold = ColdWatcher(monitor.store)
     cold.install()
     results: list[VerifyResult] = []
     try:
@@ -287,7 +288,8 @@ def verify_all(
                     events=replayed,
                     batch_seconds=seconds,
                     suggestions=suggest(
-                        [*replayed, *(e for e in replayed_cold if e.kind == "device_load")],
+                        # A dummy run loads what a batch loads; it cannot widen a tuned range.
+                        [*(e for e in replayed if e.kind != "autotune_miss"), *replayed_cold],
                         [e.batch for e in entries],
                         padded_num_tokens=padding_of(worker),
                     ),

@@ -139,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
             print(line)
     stats = result.stats
     cold = (
-        f" and {len(result.cold)} cold starts (device loads, autotune misses)"
-        if result.cold
+        f", {len(result.cold)} first device loads and {result.autotune_misses} autotune misses"
+        if result.cold or result.autotune_misses
         else ""
     )
     print(

@@ -1,4 +1,5 @@
-"""Cold beyond compiles: a kernel's first load onto the device, and an autotuner miss.
+"""Cold beyond compiles: a kernel's first load onto the device, and autotune misses
+reported by tuning backends other than FlashInfer.
 
 A compile is not the only thing that makes a request slow after warmup:
 
@@ -6,12 +7,14 @@ A compile is not the only thing that makes a request slow after warmup:
   at its first launch (``CompiledKernel._init_handles``: ``load_binary``). A binary
   that came from the on-disk cache but was never launched during warmup is loaded
   while serving: a stall, and an allocation that can fail for memory hours in.
+  ``ColdWatcher`` records each as a ``ColdEvent`` (kind ``device_load``) with the
+  monitor's current label (the step or ``batch[N]``).
 * **autotune miss** - a tuned op called with a shape outside what was tuned runs a
-  default tactic, silently (FlashInfer logs once). Tuning backends report it with
-  ``report_autotune_miss(backend, op, key)``.
+  default tactic, silently. FlashInfer's are seen by ``warmplan.monitor.flashinfer``;
+  any other tuning backend calls ``report_autotune_miss(backend, op, key)``, which
+  records the same ``autotune_miss`` ``CompileEvent`` into every installed watcher's
+  event store (counted like a compile, raised in ``error`` mode).
 
-``ColdWatcher`` records both as ``ColdEvent`` with the monitor's current label (the
-step or ``batch[N]``), so they are counted per step and per batch like compiles.
 Every watcher installed sees every event; the Triton hook is installed once for all
 of them and removed with the last. Nothing raises inside a hook. This module never
 imports torch; Triton only when it is installed.
@@ -29,18 +32,18 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from warmplan.log import get_logger
+from warmplan.monitor.events import CompileEvent, EventStore, short
 
-ColdKind = Literal["device_load", "autotune_miss"]
-COLD_KINDS: Final[tuple[ColdKind, ...]] = ("device_load", "autotune_miss")
+ColdKind = Literal["device_load"]
+COLD_KINDS: Final[tuple[ColdKind, ...]] = ("device_load",)
 
 _log = get_logger("warmplan.monitor")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ColdEvent:
-    """One cold start that is not a compile: ``kind`` (``device_load`` or
-    ``autotune_miss``), the kernel or ``backend:op``, its key (the kernel's hash, or
-    the shape the tuner had no entry for), and the label in progress."""
+    """A kernel's first load onto the device: the kernel, its key (its hash's first 16
+    characters), the label in progress and how long the load took."""
 
     kind: ColdKind
     name: str
@@ -64,9 +67,12 @@ class ColdEvent:
         }
 
     def describe(self) -> str:
-        what = {"device_load": "first device load of kernel", "autotune_miss": "autotune miss in"}
         during = f" during {self.label!r}" if self.label is not None else ""
-        return f"{what[self.kind]} {self.name!r} key {self.key!r}{during}"
+        return f"first device load of kernel {self.name!r} key {self.key!r}{during}"
+
+
+def _no_label() -> str | None:
+    return None
 
 
 _active: list[ColdWatcher] = []
@@ -75,18 +81,34 @@ _triton_patch: tuple[Any, Any] | None = None  # (CompiledKernel, its own _init_h
 
 
 def report_autotune_miss(backend: str, op: str, key: str) -> None:
-    """Tell every installed watcher that ``backend`` served ``op`` at ``key`` (a shape
-    bucket, say) with no tuned entry: a default tactic ran. For tuning backends."""
-    for watcher in list(_active):
-        watcher.record("autotune_miss", f"{backend}:{op}", key, None)
+    """Tell every installed watcher's monitor that ``backend`` served ``op`` at ``key``
+    (a shape or bucket) with no tuned entry, so a default tactic ran: an
+    ``autotune_miss`` event with the label in progress. For tuning backends; a
+    backend that has never been tuned should not call it."""
+    stores = {id(w.store): w.store for w in list(_active) if w.store is not None}
+    for store in stores.values():
+        try:
+            store.record(
+                CompileEvent(
+                    kind="autotune_miss",
+                    name=f"{backend}:{op}",
+                    key=short(key),
+                    label=store.label(),
+                    cache_hit=False,
+                    duration_s=None,
+                )
+            )
+        except Exception as exc:  # a tuner's hot path must never fail for the monitor
+            _log.debug("jit_cold_report_failed", error=repr(exc))
 
 
 class ColdWatcher:
-    """Records device loads and autotune misses, labelled by ``label()`` (the JIT
-    monitor's ``store.label``)."""
+    """Records first device loads labelled with ``store``'s label in progress (the JIT
+    monitor's ``store``), and routes ``report_autotune_miss`` into ``store``."""
 
-    def __init__(self, label: Callable[[], str | None] = lambda: None) -> None:
-        self._label = label
+    def __init__(self, store: EventStore | None = None) -> None:
+        self.store = store
+        self._label: Callable[[], str | None] = store.label if store is not None else _no_label
         self._events: list[ColdEvent] = []
         self._lock = threading.Lock()
         self.installed = False
@@ -97,20 +119,18 @@ class ColdWatcher:
         with self._lock:
             return list(self._events)
 
-    def count(self, kind: ColdKind | None = None, label: str | None = None) -> int:
-        """Events of ``kind`` (all kinds: ``None``) for ``label`` (all labels: ``None``)."""
-        return sum(
-            1
-            for e in self.events
-            if (kind is None or e.kind == kind) and (label is None or e.label == label)
-        )
+    def count(self, label: str | None = None) -> int:
+        """Device loads for ``label`` (all labels: ``None``)."""
+        return sum(1 for e in self.events if label is None or e.label == label)
 
-    def record(self, kind: ColdKind, name: str, key: str, duration_s: float | None) -> None:
+    def record(self, name: str, key: str, duration_s: float | None) -> None:
         try:
             label = self._label()
         except Exception:  # a broken label source must not lose the event
             label = None
-        event = ColdEvent(kind=kind, name=name, key=key, label=label, duration_s=duration_s)
+        event = ColdEvent(
+            kind="device_load", name=name, key=key, label=label, duration_s=duration_s
+        )
         with self._lock:
             self._events.append(event)
         _log.debug("jit_cold_event", **event.to_dict())
@@ -172,7 +192,7 @@ def _patch_triton() -> tuple[Any, Any] | None:
                 key = str(getattr(meta, "hash", None) or getattr(kernel, "hash", "?"))[:16]
                 duration = time.perf_counter() - started
                 for watcher in list(_active):
-                    watcher.record("device_load", name, key, duration)
+                    watcher.record(name, key, duration)
             except Exception as exc:
                 _log.debug("jit_cold_hook_failed", error=repr(exc))
         return result
