@@ -1,11 +1,15 @@
 """Autotune across ranks: how long the autotune step takes for 1, 2 and 4 ranks under
-the leader and every_rank policies, with a cold and a warm cache, for one or more of
-the built-in engine's backends (``builtin`` on CPU with gloo; ``builtin``, ``triton``
-and ``flashinfer`` on CUDA with NCCL, one GPU a rank); and how long a follower's
-warmup takes with and without shared compile caches.
+the leader and every_rank policies (and together, for FlashInfer-shaped backends),
+with a cold and a warm cache, for one or more of the built-in engine's backends
+(``builtin`` on CPU with gloo; ``builtin``, ``triton`` and ``flashinfer`` on CUDA
+with NCCL, one GPU a rank), or ``fakefi`` (the FlashInfer-shaped fake tuner of
+``tests/fakes/fakefi`` on CPU: the protocol's and the timing reduction's own cost,
+hybrid buckets up to the tokens); and how long a follower's warmup takes with and
+without shared compile caches.
 
     python bench/autotune_ranks.py [--ranks 1 2 4] [--tokens 256] [--skip-compile] [--json]
     python bench/autotune_ranks.py --device cuda --ranks 1 --backend builtin triton flashinfer
+    python bench/autotune_ranks.py --backend fakefi --ranks 1 2 --skip-compile
 
 Each configuration is a fresh launch of N processes (torchrun-style env, gloo). The
 step time is the slowest rank's ``run_autotune`` wall time (world setup and imports
@@ -47,9 +51,31 @@ def rank_main(job: dict[str, Any]) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     log = structlog.get_logger("bench")
     world = current_world(timeout_s=600)
-    worker = BuiltinWorker(
-        {"device": job["device"], "num_layers": 1}, world=world, compile=job["kind"] == "compile"
-    )
+    passes: tuple[Any, ...] = ()
+    backend = job["backend"]
+    worker: Any
+    if backend == "fakefi":
+        from tests.fakes.fakefi.autotuner import AutoTuner
+        from warmplan.autotune.flashinfer import FlashInferBackend
+        from warmplan.autotune.table import hybrid_buckets
+        from warmplan.testing import RecordingWorker
+
+        class FakeFiWorker(RecordingWorker):
+            def dummy_run(self, shape: Any, num_tokens: int, **kw: Any) -> None:
+                super().dummy_run(shape, num_tokens, **kw)
+                for op in ("fake_gemm", "fake_moe"):
+                    AutoTuner.get().choose_one(op, num_tokens)
+
+        fi = FlashInferBackend(module="tests.fakes.fakefi", require_cuda=False)
+        worker = FakeFiWorker(world=world, backends={"flashinfer": fi}, platform="cpu")
+        backend = "flashinfer"
+        passes = ((job["tokens"], hybrid_buckets(job["tokens"])),)
+    else:
+        worker = BuiltinWorker(
+            {"device": job["device"], "num_layers": 1},
+            world=world,
+            compile=job["kind"] == "compile",
+        )
     result: dict[str, Any] = {}
     if job["kind"] == "autotune":
         # One untimed forward at a size the step does not tune first: the process's first
@@ -57,7 +83,8 @@ def rank_main(job: dict[str, Any]) -> int:
         # is not the autotune step's cost, and cold and warm would both pay it.
         worker.dummy_run("plain", 1)
         worker.synchronize()
-        name = f"tune.rank{world.rank}.json" if job["policy"] == "every_rank" else "tune.json"
+        per_rank = job["policy"] in ("every_rank", "together")
+        name = f"tune.rank{world.rank}.json" if per_rank else "tune.json"
         step = ResolvedAutotune(
             id="autotune",
             kind="autotune",
@@ -66,20 +93,25 @@ def rank_main(job: dict[str, Any]) -> int:
             clamp_to="max_num_batched_tokens",
             limit=job["tokens"],
             shape="plain",
-            backend=job["backend"],
+            backend=backend,
             policy=job["policy"],
             timeout_s=600,
             config_hash="bench",
-            cache_path=os.path.join(
-                os.environ["WARMPLAN_CACHE_ROOT"], "autotune", job["backend"], name
-            ),
+            passes=passes,
+            round_up=True if passes else None,
+            run_after_load=job["policy"] != "together",
+            cache_path=os.path.join(os.environ["WARMPLAN_CACHE_ROOT"], "autotune", backend, name),
         )
         world.barrier(timeout_s=600)
         t = time.perf_counter()
         with worker.preserve_state():
             out = run_autotune(step, worker, log=log)
         worker.synchronize()
-        result = {"seconds": time.perf_counter() - t, "decision": out.decision}
+        result = {
+            "seconds": time.perf_counter() - t,
+            "decision": out.decision,
+            "ran_run": out.ran_run,
+        }
     else:
         from warmplan.compile_cache import share_compile_caches
 
@@ -152,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: NCCL, one GPU a rank"
     )
     ap.add_argument(
-        "--backend", nargs="+", default=["builtin"], choices=["builtin", "triton", "flashinfer"]
+        "--backend",
+        nargs="+",
+        default=["builtin"],
+        choices=["builtin", "triton", "flashinfer", "fakefi"],
     )
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -168,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     rows: list[dict[str, Any]] = []
     for backend in args.backend:
-        for policy in ("leader", "every_rank"):
+        ranked = backend in ("flashinfer", "fakefi")
+        for policy in ("leader", "every_rank", *(("together",) if ranked else ())):
             for n in args.ranks:
                 root = tempfile.mkdtemp(prefix="wp-bench-cache-")
                 env = [{"WARMPLAN_CACHE_ROOT": root}] * n
@@ -189,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                             "cache": phase,
                             "step_s": max(r["seconds"] for r in res),
                             "decisions": sorted({r["decision"] for r in res}),
+                            "forward": any(r.get("ran_run", True) for r in res),
                         }
                     )
                     print(
@@ -238,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# autotune step, {meta['card']}, {comm} ({meta['date']}, torch {meta['torch']}, tokens={args.tokens})"
     )
-    print("| backend | policy | ranks | cache | step wall time (s) | decision |")
-    print("| --- | --- | ---: | --- | ---: | --- |")
+    print("| backend | policy | ranks | cache | step wall time (s) | decision | forward run |")
+    print("| --- | --- | ---: | --- | ---: | --- | --- |")
     for r in rows:
         print(
-            f"| {r['backend']} | {r['policy']} | {r['ranks']} | {r['cache']} | {r['step_s']:.3f} | {'/'.join(r['decisions'])} |"
+            f"| {r['backend']} | {r['policy']} | {r['ranks']} | {r['cache']} | {r['step_s']:.3f} "
+            f"| {'/'.join(r['decisions'])} | {'yes' if r['forward'] else 'no'} |"
         )
     if compile_rows:
         print()
