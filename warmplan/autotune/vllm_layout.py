@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -44,16 +45,18 @@ def vllm_cache_root(env: Mapping[str, str] | None = None) -> str:
 
 
 def workspace_parts(version: str, capability: tuple[int, int] | None) -> tuple[str, str]:
-    """FlashInfer's ``(version, arch)`` workspace names: read from an importable
-    flashinfer, else the version given and the arch FlashInfer would build for this
-    device (``90a`` for 9.0; ``noarch`` without one)."""
-    try:
-        from flashinfer.jit import env as jit_env
+    """FlashInfer's ``(version, arch)`` workspace names: read from flashinfer when
+    this process has imported it (resolution never imports it: ``warmplan plan``
+    stays torch-free), else the version given and the arch FlashInfer would build for
+    this device (``90a`` for 9.0; ``noarch`` without one)."""
+    if "flashinfer" in sys.modules:
+        try:
+            from flashinfer.jit import env as jit_env
 
-        ws = jit_env.FLASHINFER_WORKSPACE_DIR
-        return str(ws.parent.name), str(ws.name)
-    except Exception:
-        pass
+            ws = jit_env.FLASHINFER_WORKSPACE_DIR
+            return str(ws.parent.name), str(ws.name)
+        except Exception:
+            pass
     if capability is None:
         return version, "noarch"
     major, minor = capability
