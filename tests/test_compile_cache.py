@@ -66,9 +66,16 @@ def test_single_process_runs_leader_work_only() -> None:
 
 
 def test_cache_dirs_follow_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR pick the directories; nesting dedupes."""
+    """TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and WARMPLAN_CACHE_ROOT (its aot/)
+    pick the directories; nesting dedupes."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "ind"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "tri"))
-    assert cache_dirs() == {"inductor": str(tmp_path / "ind"), "triton": str(tmp_path / "tri")}
+    monkeypatch.setenv("WARMPLAN_CACHE_ROOT", str(tmp_path / "wp"))
+    assert cache_dirs() == {
+        "inductor": str(tmp_path / "ind"),
+        "triton": str(tmp_path / "tri"),
+        "aot": str(tmp_path / "wp" / "aot"),
+    }
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "ind" / "triton"))
+    monkeypatch.setenv("WARMPLAN_CACHE_ROOT", str(tmp_path / "ind"))
     assert cache_dirs() == {"inductor": str(tmp_path / "ind")}

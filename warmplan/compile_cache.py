@@ -11,7 +11,9 @@ at once, naming rank 0 and the step.
 
 Directories: inductor's is ``torch._inductor.runtime.cache_dir_utils.cache_dir()``
 (``TORCHINDUCTOR_CACHE_DIR``, default ``/tmp/torchinductor_$USER``); Triton's is
-``TRITON_CACHE_DIR``, else ``triton.knobs.cache.dir``, else ``~/.triton/cache``.
+``TRITON_CACHE_DIR``, else ``triton.knobs.cache.dir``, else ``~/.triton/cache``; the
+built-in engine's AOT artefacts are ``<cache root>/aot`` (``warmplan.cache_root``,
+which also puts the other two under the cache root when the operator has not).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from warmplan.cache_root import AOT_DIR
 from warmplan.errors import StepError, WarmplanError
+from warmplan.fsutil import default_cache_root
 from warmplan.world import World, WorldError
 
 STEP_ID = "compile_cache"
@@ -87,13 +91,25 @@ def triton_cache_dir() -> str:
 
 
 def cache_dirs() -> dict[str, str]:
-    """The directories shared, by archive prefix; one inside another is packed once."""
-    dirs = {"inductor": inductor_cache_dir(), "triton": triton_cache_dir()}
-    ind, tri = (os.path.realpath(d) for d in dirs.values())
-    if tri == ind or tri.startswith(ind + os.sep):
-        del dirs["triton"]
-    elif ind.startswith(tri + os.sep):
-        del dirs["inductor"]
+    """The directories shared, by archive prefix: inductor's, Triton's and the built-in
+    engine's ahead-of-time artefacts (``<cache root>/aot``); one inside another (or the
+    same) is packed once, under the first of them."""
+    dirs = {
+        "inductor": inductor_cache_dir(),
+        "triton": triton_cache_dir(),
+        "aot": os.path.join(default_cache_root(), AOT_DIR),
+    }
+    real = {name: os.path.realpath(d) for name, d in dirs.items()}
+    names = list(dirs)
+    for i, name in enumerate(names):
+        for other in names:
+            if other == name or other not in dirs:
+                continue
+            inside = real[name].startswith(real[other] + os.sep)
+            same_but_later = real[name] == real[other] and names.index(other) < i
+            if inside or same_but_later:
+                del dirs[name]
+                break
     return dirs
 
 

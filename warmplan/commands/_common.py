@@ -91,7 +91,9 @@ def make_worker(args: argparse.Namespace, plan: Plan) -> Any:
 
     world = current_world(timeout_s=join_timeout(plan))
     try:
-        return build_worker(config, device=device, world=world)
+        return build_worker(
+            config, device=device, world=world, cache_root=getattr(args, "cache_root", None)
+        )
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"{plan.path}: builtin: {exc} (from {source})") from None
 

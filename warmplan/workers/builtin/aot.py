@@ -183,7 +183,8 @@ class AotStore:
 
     def _save(self, name: str, compiled: Any) -> None:
         buf = io.BytesIO()
-        data: bytes = type(compiled).serialize(compiled).serialized_data
+        result = type(compiled).serialize(compiled)
+        data: bytes = getattr(result, "serialized_data", result)  # torch 2.13 / older
         header = {"format": FORMAT, "env": self.env, "sha256": hashlib.sha256(data).hexdigest()}
         buf.write(MAGIC)
         buf.write(json.dumps(header, sort_keys=True).encode() + b"\n")
@@ -320,27 +321,45 @@ class AotFunction:
                 dynamic=self._dynamic,
                 mark_dynamic=self._mark,
             )
-            compiled.disable_guard_check()  # checked below, once
+            if hasattr(compiled, "guard_check"):
+                compiled.disable_guard_check()  # checked below, once
             self._compiled[key] = compiled
+        check = getattr(compiled, "guard_check", None)
+        if check is None:  # a torch without guard_check: the call checks, and raises
+            try:
+                return compiled(*args)
+            except RuntimeError as exc:
+                if "GuardManager check failed" not in str(exc):
+                    raise
+                return self._miss(key, args, str(exc))
         start = time.perf_counter()
-        ok = compiled.guard_check(*args)
+        ok = check(*args)
         self.store.stats.guard_s += time.perf_counter() - start
         if not ok:
-            self.store.stats.guard_misses += 1
-            if key not in self._warned:
-                self._warned.add(key)
-                reason = compiled._artifacts.guard_manager.check_verbose(
-                    compiled.prepare_f_locals(*args)
-                )
-                _log.warning(
-                    "aot.guard_miss",
-                    function=self.name,
-                    key=key,
-                    reason=str(getattr(reason, "verbose_code_parts", reason))[:400],
-                    note="running the JIT path (torch.compile); the monitor counts its compile",
-                )
-            return self._run_jit(args)
+            return self._miss(key, args, None, compiled)
         return compiled(*args)
+
+    def _miss(self, key: str, args: Sequence[Any], reason: str | None, compiled: Any = None) -> Any:
+        """A call the artefact's guards reject: say why (once per key), run the JIT path."""
+        self.store.stats.guard_misses += 1
+        if key not in self._warned:
+            self._warned.add(key)
+            if reason is None:
+                try:
+                    verbose = compiled._artifacts.guard_manager.check_verbose(
+                        compiled.prepare_f_locals(*args)
+                    )
+                    reason = str(getattr(verbose, "verbose_code_parts", verbose))
+                except Exception as exc:  # the reason is a courtesy; the fallback is not
+                    reason = f"(reason unavailable: {exc!r})"
+            _log.warning(
+                "aot.guard_miss",
+                function=self.name,
+                key=key,
+                reason=reason[:400],
+                note="running the JIT path (torch.compile); the monitor counts its compile",
+            )
+        return self._run_jit(args)
 
     def _run_jit(self, args: Sequence[Any]) -> Any:
         for index, dim in self._mark:
