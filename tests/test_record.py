@@ -18,6 +18,7 @@ from warmplan.commands import record as record_cmd
 from warmplan.commands import suggest as suggest_cmd
 from warmplan.commands import verify as verify_cmd
 from warmplan.monitor import CompileEvent
+from warmplan.monitor.cold import report_autotune_miss
 from warmplan.plan import Plan, parse_plan
 from warmplan.record import TraceRecorder, batch_of, format_line, record
 from warmplan.trace import RecordedCompile, TraceRequest, read_trace
@@ -267,4 +268,52 @@ def test_batch_of_splits_decodes_from_prefill_chunks() -> None:
     """(new, computed) per request: one new token is a decode, more a chunk after computed."""
     assert batch_of([(1, 700), (500, 1024), (1, 12), (9, 0)]) == Batch(
         decode=2, prefill=(PrefillChunk(500, 1024), PrefillChunk(9))
+    )
+
+
+# -- cold starts: autotune misses ----------------------------------------------------
+
+
+class MissingWorker(CompilingWorker):
+    """Its tuner has entries up to 16 tokens: larger batches run a default tactic."""
+
+    def execute(self, batch: Batch) -> None:
+        super().execute(batch)
+        if batch.num_tokens > 16:
+            report_autotune_miss(
+                "builtin", "attention", f"bucket={self.padded_num_tokens(batch.num_tokens)}"
+            )
+
+
+MISS_PLAN = "version: 1\nname: fake\nsteps:\n  - {id: all, kind: dummy_run, shape: plain, tokens: 1}\n  - {id: b16, kind: dummy_run, shape: plain, tokens: 16}\n  - {id: b64, kind: dummy_run, shape: plain, tokens: 64}\n"
+
+
+def test_verify_counts_autotune_misses_per_batch_and_is_not_covered(tmp_path: Path) -> None:
+    """A replay without compiles but with a tuner miss is NOT covered; the batch is named."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"decode": 3}\n{"prefill": [{"tokens": 40}]}\n', encoding="utf-8")
+    result = verify(parse_plan(MISS_PLAN), MissingWorker(), read_trace(trace), path=str(trace))
+    assert [e.kind for e in result.events] == ["autotune_miss"]
+    assert (result.compiles, result.autotune_misses, result.batches_hit) == (0, 1, [1])
+    assert not result.covered and result.suggestions == []
+    assert result.summary() == (
+        f"NOT covered: 0 compiles and 0 disk-cache loads, 0 first device loads and 1 autotune "
+        f"misses in 1 of 2 batches from {trace}"
+    )
+    assert result.rows()[0]["cache"] == "tune miss"
+
+
+def test_record_writes_cold_events_and_verify_compares_them(tmp_path: Path) -> None:
+    """A recorded miss travels in the batch's compiles; the replay counts it the same."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"decode": 3}\n{"prefill": [{"tokens": 40}]}\n', encoding="utf-8")
+    out = tmp_path / "rec.jsonl"
+    live = record(parse_plan(MISS_PLAN), MissingWorker(), read_trace(trace), TraceRecorder(out))
+    assert (live.compiles, live.autotune_misses, live.batches_hit) == (0, 1, [1])
+    recorded = read_trace(out)
+    assert [c.kind for e in recorded.batches for c in e.compiles] == ["autotune_miss"]
+    torch._dynamo.reset()
+    again = verify(parse_plan(MISS_PLAN), MissingWorker(), recorded, path=str(out))
+    assert again.recorded_line() == (
+        "recorded live: 1 events (compiles, disk and device loads, autotune misses); this replay: 1 (the same)"
     )
