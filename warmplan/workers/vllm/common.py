@@ -222,14 +222,22 @@ class VllmFlashInferBackend:
 
     @contextlib.contextmanager
     def tuning_together(self, *, group: Any, skip_ops: tuple[str, ...]) -> Iterator[None]:
-        from flashinfer.autotuner import set_autotune_process_group
+        import flashinfer.autotuner
 
-        set_autotune_process_group(group)
+        setter: Any = getattr(flashinfer.autotuner, "set_autotune_process_group", None)
+        if group is not None and setter is None:
+            raise AutotuneLoadError(
+                f"flashinfer {self.version} has no autotuner.set_autotune_process_group: "
+                "ranks cannot tune together (use policy leader, or a newer flashinfer)"
+            )
+        if setter is not None:
+            setter(group)
         try:
             with self.tuning(skip_ops=skip_ops):
                 yield
         finally:
-            set_autotune_process_group(None)
+            if setter is not None:
+                setter(None)
 
     def pass_scope(
         self, *, buckets: tuple[int, ...] | None, round_up: bool | None
