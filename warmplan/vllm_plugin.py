@@ -302,6 +302,14 @@ def _arm_monitor(worker: Any) -> None:
     worker._warmplan_monitor = monitor
     worker._warmplan_steps = 0
     worker._warmplan_recorder = None if record is None else _open_recorder(worker, record)
+    worker._warmplan_cold = None
+    if record is not None:
+        # A binary loaded onto the device late (a cached kernel first launched while
+        # serving) is cold too: recorded with the batch that paid for it.
+        from warmplan.monitor.cold import ColdWatcher
+
+        worker._warmplan_cold = ColdWatcher(monitor.store)
+        worker._warmplan_cold.install()
     log.info(
         "warmplan.vllm.jit_monitor",
         mode=mode,
@@ -389,7 +397,9 @@ def serving_step(worker: Any, run: Callable[..., Any], args: Any, kwargs: Any) -
         return run(*args, **kwargs)
     step = worker._warmplan_steps = getattr(worker, "_warmplan_steps", 0) + 1
     recorder = getattr(worker, "_warmplan_recorder", None)
+    cold = getattr(worker, "_warmplan_cold", None)
     before = len(monitor.events) if recorder is not None else 0
+    cold_before = len(cold.events) if cold is not None else 0
     try:
         with monitor.attribute(f"serving step {step}"):
             return run(*args, **kwargs)
@@ -400,7 +410,8 @@ def serving_step(worker: Any, run: Callable[..., Any], args: Any, kwargs: Any) -
 
             batch = batch_of(scheduled_of(scheduler_output))
             if batch.num_tokens:
-                recorder.record_batch(batch, compiles=monitor.events[before:], step=step)
+                late = cold.events[cold_before:] if cold is not None else []
+                recorder.record_batch(batch, compiles=[*monitor.events[before:], *late], step=step)
 
 
 def _wrap_worker_class(worker_cls: Any) -> None:
