@@ -184,3 +184,29 @@ def test_alias_bomb_is_still_named(monkeypatch: pytest.MonkeyPatch) -> None:
         ": the document expands to more than 1000 values (aliases referring to aliases?); "
         "plans must be small and explicit"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "\x1f",
+            "p.yaml:1:1: invalid YAML: unacceptable character #x001f: control characters are not allowed",
+        ),
+        (
+            "version: 1\nname: x\x07\n",
+            "p.yaml:2:8: invalid YAML: unacceptable character #x0007: control characters are not allowed",
+        ),
+        ("a: \ud800", "p.yaml:1:4: invalid YAML: not Unicode text (surrogates not allowed)"),
+    ],
+)
+def test_characters_yaml_refuses_are_positioned(text: str, message: str) -> None:
+    """A control character or lone surrogate (found by fuzzing) is one positioned line."""
+    assert problems(text) == [message]
+
+
+def test_a_list_as_a_step_id_is_a_problem_not_a_type_error() -> None:
+    """`id: []` (found by fuzzing) is a schema problem, not an unhashable-type crash."""
+    assert problems(HEAD + "  - {id: [], kind: slot_mapping, tokens: [1]}\n") == [
+        "p.yaml:4:10: steps[0].id: expected a string, found a list"
+    ]

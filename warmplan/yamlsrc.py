@@ -216,9 +216,28 @@ def _documents(loader: Any) -> Iterator[yaml.Node]:
 
 def load_located(text: str) -> Located:
     """Parse one YAML document; raise ``YamlError`` with a position on any problem."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except UnicodeEncodeError as exc:  # libyaml takes UTF-8: a lone surrogate cannot be
+        before = text[: exc.start]
+        at = Mark(before.count("\n") + 1, exc.start - (before.rfind("\n") + 1) + 1)
+        raise YamlError(f"invalid YAML: not Unicode text ({exc.reason})", at) from None
     try:
         docs = list(_documents(loader))
+    except yaml.reader.ReaderError as exc:
+        # A character YAML refuses (a control character, say): no mark, a position.
+        before = text[: exc.position]
+        at = Mark(before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1)
+        raise YamlError(
+            f"invalid YAML: unacceptable character #x{exc.character:04x}: {exc.reason}"
+            if isinstance(exc.character, int)
+            else f"invalid YAML: {exc.reason}",
+            at,
+        ) from None
+    except UnicodeEncodeError as exc:  # a lone surrogate in text handed to parse_plan
+        before = text[: exc.start]
+        at = Mark(before.count("\n") + 1, exc.start - (before.rfind("\n") + 1) + 1)
+        raise YamlError(f"invalid YAML: not Unicode text ({exc.reason})", at) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Mark(mark.line + 1, mark.column + 1) if mark else None

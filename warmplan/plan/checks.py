@@ -20,7 +20,11 @@ def check_plan(data: Mapping[str, Any], problems: Problems) -> None:
     """Add every semantic problem of the plan ``data`` (of any shape) to ``problems``."""
     raw_steps = data.get("steps")
     steps = raw_steps if isinstance(raw_steps, list) else []
-    kinds = {s.get("id"): s.get("kind") for s in steps if isinstance(s, dict)}
+    kinds = {
+        s["id"]: s.get("kind")
+        for s in steps
+        if isinstance(s, dict) and isinstance(s.get("id"), str)
+    }
     index: dict[str, int] = {}
     for i, step in enumerate(steps):
         sid = step.get("id") if isinstance(step, dict) else None
