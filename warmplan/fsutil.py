@@ -7,7 +7,8 @@ Two writers:
     a regular file is replaced atomically (temp file beside it, fsync, rename, fsync
     of the directory); a symbolic link is followed and its target replaced, the link
     kept; a device, FIFO or socket (``/dev/null``, ``/dev/stdout``) is written through,
-    never replaced; a directory is an error. A regular file that is writable in a
+    never replaced; a directory is an error. A link or special file owned by another
+    user (not root) is refused: in /tmp it could send the write anywhere. A regular file that is writable in a
     directory that is not is written in place (the only non-atomic case).
 ``replace_file``
     For files warmplan owns (autotune caches): always temp file + rename over the
@@ -39,6 +40,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to the operator-named ``path`` (see the module docstring).
     Raises ``OSError`` naming what is wrong."""
     target = _checked_target(os.fspath(path))
+    _refuse_foreign(target)
     try:
         st = os.stat(target)
     except FileNotFoundError:
@@ -71,13 +73,34 @@ def replace_file(path: str | os.PathLike[str], data: bytes) -> None:
     _replace(target, data, mode=mode)
 
 
+def _refuse_foreign(target: str) -> None:
+    """A link or special file at ``target`` is followed or written through only when
+    this process's user or root owns it: in a shared directory (/tmp) another user
+    could otherwise plant a link that sends a report over a file of their choosing
+    (with root's rights, any file). Raises ``PermissionError`` naming the owner."""
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        return
+    if st.st_uid not in (os.geteuid(), 0):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a special file"
+        raise PermissionError(
+            errno.EPERM,
+            f"{kind} owned by uid {st.st_uid}, neither this user ({os.geteuid()}) nor root; "
+            "warmplan does not follow or write through it",
+            target,
+        )
+
+
 def check_writable(path: str | os.PathLike[str]) -> str | None:
     """Why ``atomic_write`` could not write ``path``, or ``None`` when it can: a
     directory, a trailing slash, a missing or unwritable parent directory. Checked
     before a long run, so that its result is not lost at the end."""
     name = os.fspath(path)
     try:
-        _checked_target(name)
+        _refuse_foreign(_checked_target(name))
     except OSError as exc:
         return exc.strerror or str(exc)
     real = os.path.realpath(name)
@@ -209,3 +232,25 @@ def expand_root(raw: str, source: str) -> str:
             f"{source}: {raw!r} names an environment variable that is not set ({expanded!r} after expansion)"
         )
     return os.path.abspath(expanded)
+
+
+def foreign_owner(path: str | os.PathLike[str]) -> str | None:
+    """Why a file that decides what warmplan does (a plan named by an environment
+    variable, read in every process) should not be trusted, or ``None``: owned by a
+    user other than this process's or root, or writable by group or others. A link
+    is judged by the file it names and by the link itself."""
+    name = os.fspath(path)
+    try:
+        targets = [os.lstat(name), os.stat(name)]
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    for st in targets:
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (os.geteuid(), 0):
+                return f"a symbolic link owned by uid {st.st_uid}, neither this user ({os.geteuid()}) nor root"
+            continue
+        if st.st_uid not in (os.geteuid(), 0):
+            return f"owned by uid {st.st_uid}, neither this user ({os.geteuid()}) nor root"
+        if st.st_mode & 0o022:
+            return f"writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
