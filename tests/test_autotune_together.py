@@ -415,3 +415,20 @@ def test_report_says_what_was_ignored_loaded_and_skipped(tmp_path: Path) -> None
     assert foreign["ignored"] == (
         "ignored: flashinfer_version differs: file has '0.7.2', running '0.7.3'"
     )
+
+
+def test_together_on_missing_skip_skips_every_rank_and_keeps_nothing(tmp_path: Path) -> None:
+    """on_missing: skip and one rank's file missing: every rank skips, none tunes,
+    and the rank that had a table does not keep it loaded."""
+    run_ranks(2, lambda r: tstep(tmp_path, r), backend_for=lambda r: RankedFake(rank=r))
+    (tmp_path / "c.rank1.json").unlink()
+    results, backends, workers = run_ranks(
+        2,
+        lambda r: tstep(tmp_path, r, on_missing="skip"),
+        backend_for=lambda r: RankedFake(rank=r),
+    )
+    got = outs(results)
+    assert [(o.decision, o.ran_run) for o in got] == [("skip", False)] * 2
+    assert [b.tuned_count for b in backends if b] == [0, 0]
+    assert all(b is not None and b.loaded is None for b in backends)
+    assert [runs(w) for w in workers] == [0, 0]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -299,6 +300,23 @@ def _barrier(ctx: TuneContext, what: str) -> None:
         raise ctx.fail(f"{what}: {exc}") from exc
 
 
+def cache_unwritable(path: str) -> str | None:
+    """Why the cache file at ``path`` could not be written, checked before tuning:
+    the nearest existing directory above it must be a writable directory (a
+    read-only file system is refused even for root). ``None`` when it can be."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def _pack(kind: str, reason: str | None = None, body: bytes = b"") -> bytes:
     return json.dumps({"kind": kind, "reason": reason}).encode() + b"\n" + body
 
@@ -374,8 +392,18 @@ def run_leader(ctx: TuneContext) -> AutotuneOutcome:
             _note_ignored(ctx, local)
             ignored = local.ignored
             msg = _pack(ctx.on_missing, local.reason)
+            why = cache_unwritable(ctx.path) if ctx.on_missing == "tune" else None
+            if why is not None:
+                # Tuning takes minutes; its results would be lost at the write. Every
+                # rank fails now instead, naming the file.
+                msg = _pack("unwritable", why)
     kind, reason, body = _unpack(_bcast(ctx, msg, "waiting for rank 0's tune-or-load decision"))
     ctx.log.info("autotune.decision", step=ctx.step_id, rank=rank, decision=kind, reason=reason)
+    if kind == "unwritable":
+        raise ctx.fail(
+            f"rank 0 cannot write the cache file {ctx.path} ({reason}); tuning would be lost, "
+            "so nothing was tuned: make the cache root writable, or set --cache-root"
+        )
 
     if kind == "skip":
         ctx.log.warning("autotune.skipped", step=ctx.step_id, reason=reason)
@@ -670,11 +698,19 @@ def run_together(ctx: TuneContext) -> AutotuneOutcome:
     # Short of unanimous: nobody keeps what it loaded; every rank tunes from empty.
     _clear(ctx)
     if ctx.on_missing != "tune":
-        return _skip_or_fail(
+        out = _skip_or_fail(
             ctx,
             missing or list(range(ctx.world.world_size)),
             held if missing else [RankStatus(False, why or "")] * ctx.world.world_size,
             "{ranks} without a usable cache ({reasons}); on_missing=skip",
+        )
+        return AutotuneOutcome(
+            decision=out.decision,
+            ran_run=False,
+            cache_path=out.cache_path,
+            fingerprint=None,
+            reason=out.reason,
+            ignored=local.ignored,
         )
     ctx.log.info("autotune.decision", step=ctx.step_id, rank=ctx.rank, decision="tune", reason=why)
     status, payload = _tune_own(ctx, together=True)
