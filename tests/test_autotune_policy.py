@@ -234,7 +234,7 @@ def test_unwritable_cache_dir_fails_every_rank_naming_the_path(tmp_path: Path) -
     results, _, _ = run_ranks(2, lambda r: make_step(path))
     for r, err in enumerate(results):
         assert isinstance(err, StepError)
-        assert f"cannot write cache file {path}" in str(err)
+        assert f"cannot write the cache file {path}" in str(err)
         assert str(err).startswith(f"rank {r}, step 'fi-autotune': ")
 
 
