@@ -20,6 +20,7 @@ from warmplan.errors import StepError, UserError
 from warmplan.fsutil import check_writable
 from warmplan.monitor import MONITOR_MODES
 from warmplan.report import report_path
+from warmplan.world import launch_env
 
 
 def add_parser(subparsers: Any) -> None:
@@ -50,14 +51,15 @@ def run(args: argparse.Namespace) -> int:
     from warmplan.executor import run_plan
 
     plan = load_plan_or_exit(args.plan)
-    worker = make_worker(args, plan)
-    rank = worker.world.rank
     if args.report:
-        # Before the warmup, so that its result is not lost to a bad path at the end.
-        target = report_path(args.report, rank)
+        # Before the engine is built and the warmup runs, so that its result is not
+        # lost to a bad path at the end (the launcher's RANK names this rank's file).
+        target = report_path(args.report, launch_env()[0])
         why = check_writable(target)
         if why is not None:
             raise UserError(f"--report {target}: cannot write the report there: {why}")
+    worker = make_worker(args, plan)
+    rank = worker.world.rank
     show = args.log_format == "console" and rank == 0
     with _progress(enabled=show and not args.no_progress and sys.stderr.isatty()) as hook:
         try:
