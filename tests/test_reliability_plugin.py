@@ -121,3 +121,17 @@ def test_recorder_does_not_follow_another_users_link(tmp_path: Path) -> None:
     with pytest.raises(OSError):  # noqa: PT011 - any refusal will do; the victim is the point
         TraceRecorder(link).close()
     assert victim.read_text() == "precious"
+
+
+def test_collective_rpc_takes_plan_text_never_a_path() -> None:
+    """warmplan_run('/etc/passwd') (probe D11) is a plan error about the text itself;
+    the file is never read or echoed."""
+    from warmplan.errors import PlanError
+    from warmplan.vllm_plugin import WarmplanWorkerExtension
+
+    with pytest.raises(PlanError) as info:
+        WarmplanWorkerExtension().warmplan_run("/etc/passwd")
+    assert info.value.problems == [
+        "<collective_rpc warmplan_run>:1:1: (top level): expected a mapping with version, "
+        "name and steps, found '/etc/passwd'"
+    ]

@@ -168,3 +168,43 @@ def test_follower_killed_mid_tune_is_named_within_the_timeout(tmp_path: Path) ->
     assert "rank 1" in last and "waiting for rank 0" not in last
     assert "Traceback" not in err
     assert leftovers(tmp_path) == []
+
+
+def test_a_master_that_never_starts_fails_the_join_within_the_plan_timeout(
+    tmp_path: Path,
+) -> None:
+    """Rank 1 of 2 whose master never starts (probe D7: a launcher other than torchrun)
+    fails within the plan's timeout_s (here 3 s, not torch's 600 s), exit 2, one line."""
+    plan = PLAN.replace("timeout_s: 20", "timeout_s: 3")
+    env = {
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    (tmp_path / "p.yaml").write_text(plan)
+    full = {
+        **os.environ,
+        "WARMPLAN_CACHE_ROOT": str(tmp_path / "cache"),
+        "PYTHONWARNINGS": "ignore",
+        **env,
+    }
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "warmplan", "run", str(tmp_path / "p.yaml"), "--device", "cpu"],
+        cwd=ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(
+        f"warmplan: error: rank 1 of 2 could not join the process group at 127.0.0.1:{env['MASTER_PORT']} within "
+    )
+    assert "(timeout 3s)" in last
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 60
