@@ -119,8 +119,8 @@ def test_signal_mid_tune(tmp_path: Path, sig: int, code: int, line: str) -> None
 
 
 def test_two_runs_race_on_one_cache_root_over_a_corrupt_file(tmp_path: Path) -> None:
-    """Two runs on one cache root whose file is 200000 nested lists (probe D1): both
-    treat it as missing, re-tune, exit 0; one valid file is left, no temp file."""
+    """Two runs on one cache root whose file is 200000 nested lists (probe D1): it is
+    a miss (re-tuned), not a crash; both exit 0, one valid file is left, no temp file."""
     warm = start(tmp_path)
     assert warm.wait(300) == 0, warm.stderr.read() if warm.stderr else ""
     (cache,) = (tmp_path / "cache").rglob("*.json")
@@ -128,7 +128,9 @@ def test_two_runs_race_on_one_cache_root_over_a_corrupt_file(tmp_path: Path) -> 
     a, b = start(tmp_path), start(tmp_path)
     outs = [p.communicate(timeout=300)[1] for p in (a, b)]
     assert [a.returncode, b.returncode] == [0, 0], outs
-    assert all("does not parse (corrupt or truncated): nested too deeply" in o for o in outs)
+    # The first to read it finds the corrupt file; the other may find it repaired.
+    assert any("does not parse (corrupt or truncated): nested too deeply" in o for o in outs)
+    assert all("Traceback" not in o for o in outs)
     assert list((tmp_path / "cache").rglob("*.json")) == [cache]
     assert json.loads(cache.read_text())["warmplan_autotune_cache"] == 1
     assert leftovers(tmp_path) == []
