@@ -40,7 +40,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to the operator-named ``path`` (see the module docstring).
     Raises ``OSError`` naming what is wrong."""
     target = _checked_target(os.fspath(path))
-    _refuse_foreign(target)
+    refuse_foreign(target)
     try:
         st = os.stat(target)
     except FileNotFoundError:
@@ -73,7 +73,7 @@ def replace_file(path: str | os.PathLike[str], data: bytes) -> None:
     _replace(target, data, mode=mode)
 
 
-def _refuse_foreign(target: str) -> None:
+def refuse_foreign(target: str) -> None:
     """A link or special file at ``target`` is followed or written through only when
     this process's user or root owns it: in a shared directory (/tmp) another user
     could otherwise plant a link that sends a report over a file of their choosing
@@ -100,7 +100,7 @@ def check_writable(path: str | os.PathLike[str]) -> str | None:
     before a long run, so that its result is not lost at the end."""
     name = os.fspath(path)
     try:
-        _refuse_foreign(_checked_target(name))
+        refuse_foreign(_checked_target(name))
     except OSError as exc:
         return exc.strerror or str(exc)
     real = os.path.realpath(name)
