@@ -283,3 +283,28 @@ def test_common_options_count_before_or_after_the_command(argv: list[str]) -> No
 
     args = build_parser().parse_args(argv)
     assert (args.log_format, args.log_level) == ("json", "info")
+
+
+def test_ctrl_c_mid_step_restores_the_runner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C (or SIGTERM, which unwinds the same way) inside a step leaves the
+    runner's buffers as they were before the step."""
+    from warmplan.executor import run_plan
+    from warmplan.plan import parse_plan
+    from warmplan.testing import RecordingWorker
+
+    worker = RecordingWorker(platform="cpu")
+    before = {k: list(v) for k, v in worker.buffers.items()}
+    touched = worker.dummy_run
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        touched(*args, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker, "dummy_run", interrupted)
+    plan = parse_plan(
+        "version: 1\nname: t\nsteps:\n  - {id: d, kind: dummy_run, shape: plain, tokens: 8}\n"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_plan(plan, worker)
+    assert len(worker.calls_named("dummy_run")) == 1
+    assert worker.buffers == before
