@@ -34,6 +34,7 @@ COMPILING_MODULES = (
     "test_monitor.py",
     "test_record.py",
     "test_reliability_cli.py",
+    "test_reliability_plugin.py",
     "test_verify.py",
     "test_vllm_adapter.py",
     "test_vllm_contract.py",
