@@ -147,12 +147,16 @@ def _child(out: str, argv: list[str]) -> int:
         timers.wrap(compiler.CompiledKernel, "_init_handles", "triton_launcher")
 
     workers: list[Any] = []
+    build_imports: list[str] = []
     original_build = builtin.build_worker
 
     def build(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
+        before = set(sys.modules)
         worker = original_build(*args, **kwargs)
         phases["engine build"] = time.perf_counter() - start
+        imported = sorted(set(sys.modules) - before)
+        build_imports.extend(m for m in imported if m.count(".") <= 2)
         workers.append(worker)
         return worker
 
@@ -203,6 +207,7 @@ def _child(out: str, argv: list[str]) -> int:
         ],
         "worker": report.get("worker", {}),
         "aot": _aot_stats(workers),
+        "build_imports": build_imports,
         "aot_notes": [n for w in workers for n in (w.runner.aot.notes if w.runner.aot else [])],
     }
     Path(out).write_text(json.dumps(result, indent=1))

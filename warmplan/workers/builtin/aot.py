@@ -168,8 +168,7 @@ class AotStore:
             torch._dynamo.maybe_mark_dynamic(example[index], dim)
         start = time.perf_counter()
         with _bracket(f"warmplan-aot compile {name}"):
-            optimized: Any = torch.compile(fn, fullgraph=True, dynamic=dynamic)
-            compiled = optimized.aot_compile((tuple(example), {}))
+            compiled = aot_compile(fn, tuple(example), dynamic=dynamic)
         self.stats.compiles += 1
         self.stats.compile_s += time.perf_counter() - start
         start = time.perf_counter()
@@ -209,7 +208,7 @@ class AotStore:
                 why = _describe_mismatch(header.get("env") or {}, self.env)
             if why is None:
                 try:
-                    with _bracket(f"warmplan-aot load {name}"):
+                    with _bracket(f"warmplan-aot load {name}"), _in_process():
                         loaded = torch.compiler.load_compiled_function(io.BytesIO(payload))
                         _count_load()
                 except Exception as exc:  # torch's own checks (SystemInfo), or a bad pickle
@@ -225,6 +224,39 @@ class AotStore:
     def _note(self, text: str) -> None:
         self.notes.append(text)
         _log.warning("aot.artefact_refused", note=text)
+
+
+def aot_compile(fn: Callable[..., Any], example: tuple[Any, ...], *, dynamic: bool) -> Any:
+    """``torch.compile(fn, fullgraph=True, dynamic=dynamic).aot_compile(...)``.
+
+    torch 2.13 always offers ``aot_compile``; torch 2.10-2.11 only under
+    ``torch._dynamo.config.enable_aot_compile`` (as vLLM sets it); without either,
+    ``torch._dynamo.aot_compile.aot_compile_fullgraph`` with inductor.
+    """
+    config = torch._dynamo.config
+    patch = (
+        config.patch(enable_aot_compile=True)
+        if hasattr(config, "enable_aot_compile")
+        else contextlib.nullcontext()
+    )
+    with patch:
+        optimized: Any = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+        method = getattr(optimized, "aot_compile", None)
+        if method is not None:
+            return method((example, {}))
+        import inspect
+
+        from torch._dynamo.aot_compile import aot_compile_fullgraph
+        from torch._dynamo.hooks import Hooks
+
+        extra = (
+            {"dynamic": dynamic}
+            if "dynamic" in inspect.signature(aot_compile_fullgraph).parameters
+            else {}
+        )
+        inductor: Any = getattr(torch, "_TorchCompileInductorWrapper")  # noqa: B009  # untyped
+        backend = inductor("default", None, dynamic)
+        return aot_compile_fullgraph(fn, (example, {}), Hooks(), backend, **extra)
 
 
 def _read(path: str) -> bytes:
@@ -267,6 +299,21 @@ def _bracket(compile_id: str) -> Iterator[None]:
 
     with callback_handler.install_callbacks(CallbackTrigger.DYNAMO, compile_id):
         yield
+
+
+def _in_process() -> contextlib.AbstractContextManager[Any]:
+    """Load kernels in this process, not through inductor's compile-worker pool.
+
+    Loading an artefact re-runs inductor's output module, whose kernels go through
+    ``AsyncCompile``; with ``compile_threads > 1`` the first one starts the pool of
+    compile workers (one per core, each importing torch) to load binaries that are
+    already built, and the process then waits for them at exit: 8.6-10.5 s of a
+    warm H200 process's 23-29 s (issue 13). Compiles keep the pool.
+    """
+    from torch._inductor import config
+
+    patch: contextlib.AbstractContextManager[Any] = config.patch(compile_threads=1)
+    return patch
 
 
 def _count_load() -> None:
