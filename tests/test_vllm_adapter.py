@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import vllm_reference as ref
@@ -96,19 +96,26 @@ def test_flashinfer_flag_true_false_or_unset(
     assert dict(VllmWorker(worker).facts.flags) == flags
 
 
+@settings(deadline=None)  # the first example imports the resolver
 @given(major=st.integers(0, 15), minor=st.integers(0, 9))
 def test_capability_family_agrees_with_vllm(major: int, minor: int) -> None:
-    """The gate's family test on our capability equals vLLM's is_device_capability_family."""
+    """warmplan's own capability gates, on the adapter's facts, decide as the fake's
+    is_device_capability_family / has_device_capability (vLLM's formulas; the real
+    vLLM's are checked in tests/test_vllm_v2.py)."""
     with ref.fake_vllm() as fake:
         fake.reset(capability=(major, minor))
         from vllm.platforms import current_platform
 
-        cap = VllmWorker(fake.build()).facts.device_capability
-        assert cap is not None
+        from warmplan.resolve import gate_failure
+        from warmplan.steps.common import Gates
+
+        facts = VllmWorker(fake.build()).facts
+        assert facts.device_capability == (major, minor)
         for family in (90, 100, 120):
-            ours = (cap[0] * 10 + cap[1]) // 10 == family // 10
+            ours = gate_failure(Gates(device_capability_family=family), facts) is None
             assert ours == current_platform.is_device_capability_family(family)
-        assert (cap >= (9, 0)) == current_platform.has_device_capability(90)
+        ours = gate_failure(Gates(device_capability=(9, 0)), facts) is None
+        assert ours == current_platform.has_device_capability(90)
 
 
 def test_env_defaults_to_os_environ(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:

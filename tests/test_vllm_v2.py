@@ -82,19 +82,9 @@ def emulate(
     from vllm.platforms.interface import DeviceCapability
 
     cap = None if capability is None else DeviceCapability(*capability)
-    monkeypatch.setattr(p, "get_device_capability", lambda device_id=0: cap)
-    monkeypatch.setattr(
-        p,
-        "has_device_capability",
-        lambda c, device_id=0: (
-            cap is not None and cap.to_int() >= (c if isinstance(c, int) else c[0] * 10 + c[1])
-        ),
-    )
-    monkeypatch.setattr(
-        p,
-        "is_device_capability_family",
-        lambda c, device_id=0: cap is not None and cap.to_int() // 10 == c // 10,
-    )
+    # vLLM's has_device_capability / is_device_capability_family are classmethods over
+    # get_device_capability: replacing that one alone keeps vLLM's own formulas.
+    monkeypatch.setattr(type(p), "get_device_capability", classmethod(lambda cls, device_id=0: cap))
     monkeypatch.setattr(p, "is_cuda", lambda: cuda)
     monkeypatch.setattr(p, "is_rocm", lambda: rocm)
     monkeypatch.setattr(p, "is_cuda_alike", lambda: cuda or rocm)
@@ -483,7 +473,7 @@ def test_one_report_per_compile_beside_vllms_jit_monitor(
     monkeypatch.setenv("WARMPLAN_JIT_MONITOR", "warn")
     monkeypatch.setattr(vllm_monitor, "_active", True)
     worker = SimpleNamespace()
-    vllm_plugin._arm_monitor(worker)
+    vllm_plugin.arm_monitor(worker)
     monitor = worker._warmplan_monitor
     try:
         event = {"key": "k", "label": "serving step 1", "cache_hit": False, "duration_s": 0.1}
@@ -511,7 +501,7 @@ def test_record_writes_each_served_batch_with_its_compiles(
 
     monkeypatch.setenv("WARMPLAN_RECORD", str(tmp_path / "served-{rank}.jsonl"))
     worker = worker_for(current)
-    vllm_plugin._arm_monitor(worker)
+    vllm_plugin.arm_monitor(worker)
     monitor = worker._warmplan_monitor
     step = SchedulerOutput.make_empty()
     step.scheduled_new_reqs = [
@@ -554,3 +544,30 @@ def test_record_writes_each_served_batch_with_its_compiles(
         [(476, 1024)],
     )
     assert [c.name for c in entry.compiles] == ["_k"]
+
+
+CAPABILITIES = [(7, 0), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (10, 3), (11, 0), (12, 0), (12, 1)]
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, ids=lambda c: f"{c[0]}.{c[1]}")
+def test_capability_gates_agree_with_vllms_platform(
+    current: Current, monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]
+) -> None:
+    """warmplan's device_capability and device_capability_family gates, on the facts
+    the adapter reads, decide as vLLM's own has_device_capability and
+    is_device_capability_family do."""
+    from vllm.platforms import current_platform
+
+    from warmplan.resolve import gate_failure
+    from warmplan.steps.common import Gates
+    from warmplan.workers.vllm import VllmWorker
+
+    emulate(monkeypatch, capability, True, False, flashinfer=True, deep_gemm=False)
+    facts = VllmWorker(worker_for(current)).facts
+    assert facts.device_capability == capability
+    for family in (80, 90, 100, 110, 120):
+        ours = gate_failure(Gates(device_capability_family=family), facts) is None
+        assert ours == current_platform.is_device_capability_family(family), family
+    for need in ((8, 0), (9, 0), (10, 0), (12, 0)):
+        ours = gate_failure(Gates(device_capability=need), facts) is None
+        assert ours == current_platform.has_device_capability(need[0] * 10 + need[1]), need
