@@ -199,3 +199,25 @@ def test_a_restarted_engine_loads_every_function_and_compiles_nothing(
     assert monitor.cache_loads("warm") == made
     for a, b in zip(cold, warm_out, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_loading_runs_no_compile_worker_pool(
+    artefact_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loads run with inductor's compile_threads at 1: a built artefact's kernels load
+    in this process, never through a pool of compile workers the process then waits
+    for at exit (8.6-10.5 s of a warm H200 process)."""
+    from torch._inductor import config
+
+    seen: list[int | None] = []
+    real = torch.compiler.load_compiled_function
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(config.compile_threads)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", spy)
+    _copy(artefact_dir, tmp_path)
+    store = _store(tmp_path)
+    store.get(NAME, double, (torch.ones(4),), dynamic=False)
+    assert (seen, store.stats.loads) == ([1], 1)
