@@ -571,3 +571,51 @@ def test_capability_gates_agree_with_vllms_platform(
     for need in ((8, 0), (9, 0), (10, 0), (12, 0)):
         ours = gate_failure(Gates(device_capability=need), facts) is None
         assert ours == current_platform.has_device_capability(need[0] * 10 + need[1]), need
+
+
+def test_randomize_inputs_reaches_the_dummy_run(current: Current) -> None:
+    """The autotune step's tuning.randomize_inputs: random token ids for plain and
+    uniform-decode dummy runs (as vLLM's FlashInfer autotune asks); refused, naming
+    it, for a shape whose requests have fixed prompts."""
+    from warmplan.workers.vllm import UnsupportedByVllm, VllmWorker
+
+    adapter = VllmWorker(worker_for(current))
+    calls = events_of(current, lambda: adapter.dummy_run("plain", 64, randomize_inputs=True))
+    assert [(d["num_tokens"], d["randomize_inputs"]) for k, d in calls if k == "dummy_run"] == [
+        (64, True)
+    ]
+    with pytest.raises(UnsupportedByVllm, match="randomize_inputs applies to plain"):
+        adapter.dummy_run("mixed", 16, randomize_inputs=True)
+
+
+def test_autotune_runs_outside_the_kv_cache_reserve(
+    current: Current, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The FlashInfer backend tunes inside vLLM's own _outside_kv_cache_transient_window
+    (the extensible KV cache records its transient peak before, peak tracking restarts
+    after), as kernel_warmup wraps flashinfer_autotune."""
+    import torch
+
+    from warmplan.workers.vllm import VllmWorker
+
+    worker = worker_for(current)
+    worker.model_runner.extensible_kv_cache = SimpleNamespace(
+        record_transient_peak=lambda: current.rec.add("record_transient_peak")
+    )
+    monkeypatch.setattr(
+        torch.accelerator,
+        "reset_peak_memory_stats",
+        lambda device=None: current.rec.add("reset_peak"),
+    )
+    backend = VllmWorker(worker).autotune_backend("flashinfer")
+    assert backend is not None
+
+    def tuned() -> None:
+        with backend._outside_kv_cache_reserve():  # type: ignore[attr-defined]
+            current.rec.add("tuning")
+
+    assert events_of(current, tuned) == [
+        ("record_transient_peak", None),
+        ("tuning", None),
+        ("reset_peak", None),
+    ]

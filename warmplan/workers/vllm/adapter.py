@@ -302,7 +302,11 @@ class VllmWorker:
         self._refuse_collectives(f"autotune backend {name!r}")
         backend = self._backends.get(name)
         if backend is None:
-            backend = self._backends[name] = VllmFlashInferBackend(name)
+            backend = self._backends[name] = VllmFlashInferBackend(
+                name,
+                vllm_config=getattr(self._worker, "vllm_config", None),
+                worker=self._worker,
+            )
         return backend
 
     # -- vLLM's own named warmups (kernel_warmup()'s parts) -------------------------

@@ -111,7 +111,7 @@ class VllmFlashInferBackend:
     ``load`` hands a payload to ``AutoTuner.get().load_configs``.
     """
 
-    def __init__(self, name: str, *, vllm_config: Any = None) -> None:
+    def __init__(self, name: str, *, vllm_config: Any = None, worker: Any = None) -> None:
         if name not in BACKEND_NAMES:
             raise ValueError(
                 f"unknown FlashInfer backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}"
@@ -120,6 +120,7 @@ class VllmFlashInferBackend:
         self._dir: str | None = None
         self._lock = threading.Lock()
         self._vllm_config = vllm_config
+        self._worker = worker  # vLLM's Worker: its KV cache's reserve is kept out of tuning
 
     @property
     def name(self) -> str:
@@ -188,8 +189,29 @@ class VllmFlashInferBackend:
     def tuning(self, *, skip_ops: tuple[str, ...] = ()) -> Iterator[None]:
         path = self._tuned_file
         path.unlink(missing_ok=True)  # export() returns this tuning's results only
-        with torch.inference_mode(), self._context(str(path), skip_ops):
+        with (
+            self._outside_kv_cache_reserve(),
+            torch.inference_mode(),
+            self._context(str(path), skip_ops),
+        ):
             yield
+
+    def _outside_kv_cache_reserve(self) -> contextlib.AbstractContextManager[Any]:
+        """vLLM 0.34's ``_outside_kv_cache_transient_window(worker)``, as its
+        ``kernel_warmup`` wraps FlashInfer's autotune: an extensible KV cache keeps the
+        warmup's allocator peak free, and tuning's scratch buffers are not a serving
+        transient. Nothing where vLLM has no such window (the seed's layout)."""
+        if self._worker is None:
+            return contextlib.nullcontext()
+        try:
+            from vllm.model_executor.warmup import kernel_warmup as kw
+        except ImportError:
+            return contextlib.nullcontext()
+        window = getattr(kw, "_outside_kv_cache_transient_window", None)
+        runner = getattr(self._worker, "model_runner", None)
+        if window is None or not hasattr(runner, "extensible_kv_cache"):
+            return contextlib.nullcontext()
+        return window(self._worker)  # type: ignore[no-any-return]
 
     # -- tuning together, vLLM 0.34's way (warmplan.autotune.policy.RankedBackend) --------
 

@@ -91,7 +91,11 @@ class V2Layout(VllmWorker):
         *,
         prior_context: int = 0,
         force_attention: bool = False,
+        randomize_inputs: bool = False,
     ) -> None:
+        """``randomize_inputs``: random token ids instead of zeros, so that MoE routing
+        is not degenerate while tuning (vLLM's FlashInfer autotune passes it); only the
+        dummy-run shapes (plain, uniform decode) have ids to randomise."""
         if shape not in SHAPES:
             raise ValueError(
                 f"unknown dummy-run shape {shape!r}; expected one of {', '.join(SHAPES)}"
@@ -101,15 +105,25 @@ class V2Layout(VllmWorker):
         if num_tokens <= 0:
             raise ValueError(f"num_tokens must be >= 1: {num_tokens}")
         self._refuse_collectives(f"a {shape!r} dummy run")
+        extra = {"randomize_inputs": True} if randomize_inputs else {}
+        if extra and shape in ("mixed", "single_prefill"):
+            version = vllm_version()
+            raise UnsupportedByVllm(
+                f"vLLM {version}: a {shape!r} batch runs scheduled requests whose prompts "
+                "are fixed token ids; randomize_inputs applies to plain and uniform_decode "
+                "dummy runs (the shape vLLM's FlashInfer autotune uses is plain)",
+                keyword="randomize_inputs",
+                vllm_version=version,
+            )
         with torch.inference_mode():
             if shape == "mixed":
                 self._mixed(num_tokens, prior_context)
             elif shape == "single_prefill":
                 self._single_prefill(num_tokens, prior_context)
             elif shape == "uniform_decode":
-                self._uniform_decode(num_tokens, prior_context)
+                self._uniform_decode(num_tokens, prior_context, **extra)
             else:
-                self._plain(num_tokens, prior_context)
+                self._plain(num_tokens, prior_context, **extra)
 
     # -- the shapes -----------------------------------------------------------------
 
@@ -118,11 +132,12 @@ class V2Layout(VllmWorker):
         self._check_keywords(kwargs, shape)
         self._runner._dummy_run(**kwargs)
 
-    def _plain(self, num_tokens: int, prior_context: int) -> None:
-        extra = {"context_len": prior_context} if prior_context else {}
+    def _plain(self, num_tokens: int, prior_context: int, **extra: Any) -> None:
+        if prior_context:
+            extra["context_len"] = prior_context
         self._dummy("plain", num_tokens=num_tokens, **extra)
 
-    def _uniform_decode(self, num_tokens: int, prior_context: int) -> None:
+    def _uniform_decode(self, num_tokens: int, prior_context: int, **extra: Any) -> None:
         query_len = int(getattr(self._runner, "decode_query_len", 1) or 1)
         rounded = num_tokens - num_tokens % query_len
         if rounded == 0:
@@ -134,7 +149,8 @@ class V2Layout(VllmWorker):
             log.info(
                 "vllm.decode_rounded", requested=num_tokens, ran=rounded, decode_query_len=query_len
             )
-        extra = {"context_len": prior_context} if prior_context else {}
+        if prior_context:
+            extra["context_len"] = prior_context
         self._dummy("uniform_decode", num_tokens=rounded, uniform_decode=True, **extra)
 
     def _mixed(self, num_tokens: int, prior_context: int) -> None:
