@@ -4,7 +4,7 @@ or fails with messages that name ``file:line``; nothing else escapes, and a plan
 loads resolves without building anything huge.
 
 The trace defects found here are B's to fix (warmplan/trace.py); each is pinned by a
-strict xfail below, which fails the day it is fixed so the marker comes off.
+strict xfail, which fails the day it is fixed so the marker comes off (none left).
 """
 
 from __future__ import annotations
@@ -243,7 +243,6 @@ def test_random_traces_read_or_name_the_line(tmp_path: Path, lines: list[str]) -
         assert message.startswith(f"{path}:"), message
 
 
-@pytest.mark.xfail(strict=True, reason="trace.py: ValueError escapes for >4300-digit integers (B)")
 def test_trace_line_with_a_huge_integer_names_the_line(tmp_path: Path) -> None:
     """A 5000-digit integer on a trace line (probe D2) is a UserError naming the line."""
     path = tmp_path / "t.jsonl"
@@ -252,7 +251,6 @@ def test_trace_line_with_a_huge_integer_names_the_line(tmp_path: Path) -> None:
         read_trace(path)
 
 
-@pytest.mark.xfail(strict=True, reason="trace.py: RecursionError escapes for deep nesting (B)")
 def test_deeply_nested_trace_line_names_the_line(tmp_path: Path) -> None:
     """A line of 100000 nested lists (probe D2) is a UserError naming the line."""
     path = tmp_path / "t.jsonl"

@@ -83,14 +83,10 @@ def test_foreign_owner_says_why_a_plan_file_is_not_trusted(
 
 
 @ROOT_ONLY
-@pytest.mark.xfail(
-    strict=True,
-    reason="vllm_plugin._settings does not check WARMPLAN_PLAN's owner yet (the lead's file; fix proposed in the issue-16 report)",
-)
 def test_plugin_refuses_a_plan_another_user_can_change(tmp_path: Path) -> None:
     """WARMPLAN_PLAN naming a plan another user owns or can write (it decides what
     every vLLM worker runs, with the server's rights) is refused at registration."""
-    from warmplan.vllm_plugin import _settings
+    from warmplan.vllm_plugin.settings import settings as _settings
 
     plan = tmp_path / "p.yaml"
     plan.write_text("version: 1\nname: p\nsteps: [{id: s, kind: slot_mapping, tokens: [1]}]\n")
@@ -104,10 +100,6 @@ def test_plugin_refuses_a_plan_another_user_can_change(tmp_path: Path) -> None:
 
 
 @ROOT_ONLY
-@pytest.mark.xfail(
-    strict=True,
-    reason="record.py opens its trace with open(path, 'w'), following links (B's file; fix proposed in the issue-16 report)",
-)
 def test_recorder_does_not_follow_another_users_link(tmp_path: Path) -> None:
     """WARMPLAN_RECORD=/tmp/trace.jsonl: a link planted there by another user is not
     followed (it would truncate the file it names)."""

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from warmplan.errors import UserError
+from warmplan.fsutil import refuse_foreign
 from warmplan.log import get_logger
 from warmplan.monitor import CompileEvent, JitMonitor
 from warmplan.monitor.cold import ColdEvent, ColdWatcher
@@ -183,6 +184,10 @@ class TraceRecorder:
         self._size = 0
         self._last_flush = clock()
         self.stats = RecorderStats()
+        # A link or special file another user planted at the path (a shared /tmp) is
+        # never followed: it would truncate the file it names, with the server's rights.
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            refuse_foreign(str(self.path))  # PermissionError: refused, at start-up
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():

@@ -222,6 +222,10 @@ def _load_object(text: str) -> dict[str, Any]:
         data = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise _Problem(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise _Problem(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise _Problem("invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise _Problem(
             'expected a JSON object like {"decode": 4, "prefill": [{"tokens": 128}]}, '
@@ -346,13 +350,24 @@ def _request(number: int, data: dict[str, Any]) -> TraceRequest:
     )
 
 
+# A trace is read whole; one larger than this is refused rather than read forever.
+MAX_TRACE_BYTES = 1 << 30
+
+
 def read_trace(path: str | Path) -> Trace:
     """Read a batch-level or request-level trace; raises ``UserError`` naming file:line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:  # bounded: a device (/dev/zero) or a runaway file
+            raw = file.read(MAX_TRACE_BYTES + 1)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read trace: {exc}") from None
+    if len(raw) > MAX_TRACE_BYTES:
+        raise UserError(
+            f"{path}: cannot read trace: larger than {MAX_TRACE_BYTES >> 20} MiB "
+            "(split it, or record with WARMPLAN_RECORD_MAX_MB / --max-bytes)"
+        )
     entries: list[TraceEntry] = []
     requests: list[TraceRequest] = []
     first: tuple[TraceKind, int] | None = None

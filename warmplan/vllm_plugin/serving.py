@@ -11,8 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from warmplan.errors import UserError
 from warmplan.log import get_logger
-from warmplan.vllm_plugin.settings import monitor_mode, record_settings
+from warmplan.vllm_plugin.settings import RECORD_ENV, monitor_mode, record_settings
 
 log = get_logger("warmplan.vllm_plugin")
 
@@ -76,12 +77,15 @@ def _open_recorder(worker: Any, settings: tuple[str, int, int]) -> Any:
     adapter = VllmWorker(worker)
     rank = adapter.world.rank
     path = report_path(str(Path(template).expanduser()), rank)
-    recorder = TraceRecorder(
-        path,
-        sample_every=sample_every,
-        max_bytes=max_mb * 1024 * 1024,
-        header={"engine": "vllm", "rank": rank, "limits": adapter.limits.as_dict()},
-    )
+    try:
+        recorder = TraceRecorder(
+            path,
+            sample_every=sample_every,
+            max_bytes=max_mb * 1024 * 1024,
+            header={"engine": "vllm", "rank": rank, "limits": adapter.limits.as_dict()},
+        )
+    except OSError as exc:
+        raise UserError(f"{RECORD_ENV}={template}: cannot record to {path}: {exc}") from None
     atexit.register(recorder.close)
     return recorder
 

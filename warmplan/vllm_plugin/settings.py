@@ -49,6 +49,14 @@ def settings(environ: Mapping[str, str] | None = None) -> tuple[str, str, str | 
     plan = env.get(PLAN_ENV)
     if not plan:
         return None
+    from warmplan.fsutil import foreign_owner
+
+    why = foreign_owner(plan)
+    if why is not None:
+        raise UserError(
+            f"{PLAN_ENV}={plan}: {why}; a plan decides what every vLLM worker runs: "
+            "make it yours (chown) and not writable by others (chmod go-w)"
+        )
     mode = env.get(MODE_ENV) or "after"
     if mode not in MODES:
         raise UserError(f"{MODE_ENV} must be one of {', '.join(MODES)}: {mode!r}")
