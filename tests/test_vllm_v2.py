@@ -619,3 +619,41 @@ def test_autotune_runs_outside_the_kv_cache_reserve(
         ("tuning", None),
         ("reset_peak", None),
     ]
+
+
+def test_each_tuning_pass_also_tunes_the_dsv41_indexer(
+    current: Current, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As vLLM 0.34's flashinfer_autotune: each pass runs under autotune(tuning_buckets=,
+    round_up=), its forward, then autotune_indexer_wq_b(model, max M) inside the same
+    scope (short dummy runs never reach the DSv4.1 indexer's wq_b)."""
+    import vllm.models.deepseek_v41.attention as dsv41
+    import vllm.utils.flashinfer as fi
+
+    from warmplan.workers.vllm import VllmWorker
+
+    @contextlib.contextmanager
+    def autotune(**kwargs: Any) -> Iterator[None]:
+        current.rec.add("autotune", sorted(kwargs.items()))
+        yield
+        current.rec.add("autotune_exit")
+
+    monkeypatch.setattr(fi, "autotune", autotune)
+    monkeypatch.setattr(
+        dsv41,
+        "autotune_indexer_wq_b",
+        lambda model, num_tokens: current.rec.add("wq_b", num_tokens),
+    )
+    worker = worker_for(current)
+    backend = VllmWorker(worker).autotune_backend("flashinfer")
+
+    def one_pass() -> None:
+        with backend.pass_scope(buckets=(1, 2, 4, 8), round_up=True):  # type: ignore[union-attr]
+            current.rec.add("forward")
+
+    assert events_of(current, one_pass) == [
+        ("autotune", [("round_up", True), ("tuning_buckets", (1, 2, 4, 8))]),
+        ("forward", None),
+        ("wq_b", 8),
+        ("autotune_exit", None),
+    ]

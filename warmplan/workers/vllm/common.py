@@ -261,22 +261,42 @@ class VllmFlashInferBackend:
             if setter is not None:
                 setter(None)
 
+    @contextlib.contextmanager
     def pass_scope(
         self, *, buckets: tuple[int, ...] | None, round_up: bool | None
-    ) -> contextlib.AbstractContextManager[Any]:
-        """``vllm.utils.flashinfer.autotune(tuning_buckets=, round_up=)``, as vLLM runs each pass."""
+    ) -> Iterator[None]:
+        """One tuning pass as vLLM 0.34 runs it: under ``vllm.utils.flashinfer.autotune(
+        tuning_buckets=, round_up=)``, the pass's forward, then the ops a dummy run
+        never reaches (the DSv4.1 indexer's ``wq_b``: ``autotune_indexer_wq_b(model,
+        max M)``, where the installed vLLM has it) tuned for the same buckets."""
         if buckets is None and round_up is None:
-            return contextlib.nullcontext()
+            scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        else:
+            try:
+                from vllm.utils.flashinfer import autotune
+            except ImportError:
+                from flashinfer.autotuner import autotune
+            kw: dict[str, Any] = {}
+            if buckets is not None:
+                kw["tuning_buckets"] = buckets
+            if round_up is not None:
+                kw["round_up"] = round_up
+            scope = autotune(**kw)
+        with scope:
+            yield
+            if buckets and self._name == "flashinfer":
+                self._tune_unreached_ops(max(buckets))
+
+    def _tune_unreached_ops(self, max_tokens: int) -> None:
+        runner = getattr(self._worker, "model_runner", None)
+        get_model = getattr(runner, "get_model", None)
+        if get_model is None:
+            return
         try:
-            from vllm.utils.flashinfer import autotune
-        except ImportError:
-            from flashinfer.autotuner import autotune
-        kw: dict[str, Any] = {}
-        if buckets is not None:
-            kw["tuning_buckets"] = buckets
-        if round_up is not None:
-            kw["round_up"] = round_up
-        return autotune(**kw)  # type: ignore[no-any-return]
+            from vllm.models.deepseek_v41.attention import autotune_indexer_wq_b
+        except ImportError:  # a vLLM without DSv4.1, or without its CUDA deps here
+            return
+        autotune_indexer_wq_b(get_model(), max_tokens)
 
     def vllm_cache_file(self, rank: int) -> Any:
         """vLLM's own file for this rank (``warmplan.workers.vllm.autotune_cache``), or
