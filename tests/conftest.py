@@ -69,6 +69,18 @@ def _compiles_deselected(config: pytest.Config) -> bool:
     return True
 
 
+# The fast lane checks the same properties on fewer generated inputs (the full suite
+# runs tests/test_reliability_fuzz.py's 150 a test); an explicit setting wins.
+FAST_LANE_FUZZ_EXAMPLES = "25"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import os
+
+    if _compiles_deselected(config):
+        os.environ.setdefault("WARMPLAN_FUZZ_EXAMPLES", FAST_LANE_FUZZ_EXAMPLES)
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     if _compiling(collection_path) and _compiles_deselected(config):
         return True

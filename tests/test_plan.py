@@ -323,3 +323,14 @@ def test_validate_imports_no_torch() -> None:
     }
     assert "warmplan" in imported
     assert "torch" not in imported and "triton" not in imported
+
+
+def test_a_key_that_is_not_a_name_is_quoted_in_the_path() -> None:
+    """An unknown key of spaces (found by the fuzz suite) is shown quoted, so the
+    message still reads file:line:col: path: message."""
+    with pytest.raises(PlanError) as info:
+        parse_plan("' ': 0\nversion: 1\nname: p\nsteps: []\n", file="p.yaml")
+    assert info.value.problems[0] == (
+        "p.yaml:1:1: ' ': unknown key ' '; expected one of $schema, version, name, "
+        "description, when, builtin, compile_cache, steps"
+    )

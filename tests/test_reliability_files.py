@@ -5,11 +5,15 @@ tracebacks (D1)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import shutil
 import stat
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -78,19 +82,46 @@ def test_report_path_that_is_a_directory_is_refused_before_work(
     assert fsutil.check_writable(f"{tmp_path}/new/report.json") is None
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_report_in_a_read_only_directory_is_refused_before_work(tmp_path: Path) -> None:
-    """A directory the user cannot write (probe D5) is named by the pre-run check."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+def _as_unprivileged(body: Callable[[], object]) -> object:
+    """``body()`` as this user, or, as root (whom permissions never stop), in a forked
+    child that has become ``nobody`` (uid/gid 65534): its repr comes back."""
+    if os.geteuid() != 0:
+        return body()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, run, report, exit without cleanup
+        os.close(read_end)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            out = repr(body())
+        except BaseException as exc:  # reported to the parent, which fails the test
+            out = f"raised {exc!r}"
+        os.write(write_end, out.encode())
+        os._exit(0)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return ast.literal_eval(b"".join(chunks).decode()) if chunks else None
+
+
+def test_report_in_a_read_only_directory_is_refused_before_work() -> None:
+    """A directory the user cannot write (probe D5) is named by the pre-run check (as
+    root, checked as the unprivileged user nobody, whom the mode does stop)."""
+    top = Path(tempfile.mkdtemp(prefix="warmplan-ro-"))
     try:
-        assert (
-            fsutil.check_writable(ro / "r.json")
-            == f"permission denied: cannot create files in {ro}"
+        top.chmod(0o755)
+        ro = top / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        assert _as_unprivileged(lambda: fsutil.check_writable(ro / "r.json")) == (
+            f"permission denied: cannot create files in {ro}"
         )
     finally:
-        ro.chmod(0o755)
+        shutil.rmtree(top)
 
 
 def test_written_files_follow_the_umask(tmp_path: Path) -> None:

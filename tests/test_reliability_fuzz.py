@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,12 @@ from warmplan.steps.base import CacheContext
 from warmplan.trace import read_trace
 from warmplan.workers.base import Facts, Limits
 
+# 150 inputs a test in the full suite; the fast lane (`pytest -m "not compiles"`, see
+# tests/conftest.py) sets WARMPLAN_FUZZ_EXAMPLES lower to stay within seconds.
 FUZZ = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=int(os.environ.get("WARMPLAN_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 PLAN_PROBLEM = re.compile(r"^p\.yaml:\d+(:\d+)?: \S")
 

@@ -11,6 +11,7 @@ where in the plan the value sits. Problems come back sorted by position, each on
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -45,14 +46,19 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$-]*$")
+
+
 def format_path(path: Iterable[str | int]) -> str:
-    """``("steps", 2, "tokens", 0)`` -> ``steps[2].tokens[0]``."""
+    """``("steps", 2, "tokens", 0)`` -> ``steps[2].tokens[0]``; a key that is not a
+    plain name (a space, a dot, an empty string) is quoted: ``steps[0].' '``."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
+            continue
+        name = part if _PLAIN_KEY.match(part) else repr(part)
+        out += f".{name}" if out else name
     return out or "(top level)"
 
 
