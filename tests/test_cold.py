@@ -71,3 +71,32 @@ def test_first_device_load_of_a_triton_kernel_is_recorded_once(fake_triton: Any)
         ("device_load", "_slot_mapping_kernel", "abcdef0123456789", "batch[0]")
     ]
     assert fake_triton._init_handles is original
+
+
+def test_the_report_counts_device_loads_per_step() -> None:
+    """A kernel first loaded onto the device during a step is counted in that step's
+    report line (``device_loads``) and the totals, apart from compiles."""
+    import warmplan
+    from warmplan.plan import parse_plan
+    from warmplan.testing import RecordingWorker
+
+    monitor = JitMonitor()
+
+    class LoadingWorker(RecordingWorker):
+        def slot_mapping(self, num_tokens: int) -> None:
+            super().slot_mapping(num_tokens)
+            monitor.cold.record("_slot_mapping_kernel", f"n={num_tokens}", 0.001)
+
+    plan = parse_plan(
+        "version: 1\nname: p\nsteps:\n"
+        "  - {id: slots, kind: slot_mapping, tokens: [1, 16]}\n"
+        "  - {id: decode, kind: dummy_run, shape: uniform_decode, tokens: 1}\n"
+    )
+    with monitor:
+        report = warmplan.run_plan(plan, LoadingWorker(), monitor=monitor)
+    data = report.to_dict()
+    assert [(s["id"], s["device_loads"], s["compiles"]) for s in data["steps"]] == [
+        ("slots", 2, 0),
+        ("decode", 0, 0),
+    ]
+    assert data["totals"]["device_loads"] == 2

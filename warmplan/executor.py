@@ -249,6 +249,7 @@ def _run_one(
     entry.duration_s = time.perf_counter() - t0
     entry.compiles = monitor.compiles(rstep.id)
     entry.cache_loads = monitor.cache_loads(rstep.id)
+    entry.device_loads = monitor.device_loads(rstep.id)
     if result.autotune is not None:
         entry.autotune = asdict(result.autotune)
     if result.covers_run and rstep.replaces:

@@ -30,6 +30,7 @@ class StepReport:
     duration_s: float = 0.0
     compiles: int = 0
     cache_loads: int = 0
+    device_loads: int = 0  # kernels first loaded onto the device during the step
     shape: str | None = None
     prior_context: int = 0
     autotune: dict[str, Any] | None = None
@@ -53,6 +54,7 @@ class Report:
             "duration_s": round(self.duration_s, 6),
             "compiles": sum(s.compiles for s in self.steps),
             "cache_loads": sum(s.cache_loads for s in self.steps),
+            "device_loads": sum(s.device_loads for s in self.steps),
             "steps_run": sum(1 for s in self.steps if s.skipped is None and s.error is None),
             "steps_skipped": sum(1 for s in self.steps if s.skipped is not None),
         }

@@ -40,6 +40,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Protocol
 
+from warmplan.monitor.cold import ColdWatcher
 from warmplan.monitor.dynamo import DynamoSource
 from warmplan.monitor.events import (
     MONITOR_MODES,
@@ -77,6 +78,8 @@ class Monitor(Protocol):
 
     def cache_loads(self, label: str | None = None) -> int: ...
 
+    def device_loads(self, label: str | None = None) -> int: ...
+
     def arm(self, mode: MonitorMode) -> None: ...
 
     def uninstall(self) -> None: ...
@@ -94,6 +97,9 @@ class NoMonitor:
         return 0
 
     def cache_loads(self, label: str | None = None) -> int:
+        return 0
+
+    def device_loads(self, label: str | None = None) -> int:
         return 0
 
     def arm(self, mode: MonitorMode) -> None:
@@ -128,6 +134,7 @@ class JitMonitor:
         self.triton = TritonSource(self.store)
         self.dynamo = DynamoSource(self.store)
         self.flashinfer = FlashInferSource(self.store)
+        self.cold = ColdWatcher(self.store)  # kernels loaded onto the device late
         self.installed = False
 
     @property
@@ -148,6 +155,10 @@ class JitMonitor:
         """On-disk cache loads for ``label``, or for all labels."""
         return sum(1 for e in self._select(label) if e.cache_hit)
 
+    def device_loads(self, label: str | None = None) -> int:
+        """Kernels first loaded onto the device during ``label`` (all labels: ``None``)."""
+        return self.cold.count(label)
+
     def clear(self) -> None:
         """Forget recorded events and any pending error."""
         self.store.clear()
@@ -166,6 +177,7 @@ class JitMonitor:
         self.triton.install()
         self.dynamo.install()
         self.flashinfer.install()
+        self.cold.install()
 
     def uninstall(self) -> None:
         """Remove this monitor's hooks and restore the ones it chained to."""
@@ -175,6 +187,7 @@ class JitMonitor:
         self.triton.uninstall()
         self.dynamo.uninstall()
         self.flashinfer.uninstall()
+        self.cold.uninstall()
 
     def __enter__(self) -> JitMonitor:
         self.install()
