@@ -537,7 +537,6 @@ def test_record_writes_each_served_batch_with_its_compiles(
         worker._warmplan_recorder.close()
     finally:
         monitor.uninstall()
-        worker._warmplan_cold.uninstall()
     (entry,) = load_trace_entries(tmp_path / "served-0.jsonl")
     assert (entry.batch.decode, [(c.tokens, c.context) for c in entry.batch.prefill]) == (
         2,

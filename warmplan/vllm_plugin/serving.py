@@ -52,14 +52,6 @@ def arm_monitor(worker: Any) -> None:
     worker._warmplan_monitor = monitor
     worker._warmplan_steps = 0
     worker._warmplan_recorder = None if record is None else _open_recorder(worker, record)
-    worker._warmplan_cold = None
-    if record is not None:
-        # A binary loaded onto the device late (a cached kernel first launched while
-        # serving) is cold too: recorded with the batch that paid for it.
-        from warmplan.monitor.cold import ColdWatcher
-
-        worker._warmplan_cold = ColdWatcher(monitor.store)
-        worker._warmplan_cold.install()
     log.info(
         "warmplan.vllm.jit_monitor",
         mode=mode,
@@ -117,7 +109,7 @@ def serving_step(worker: Any, run: Callable[..., Any], args: Any, kwargs: Any) -
         return run(*args, **kwargs)
     step = worker._warmplan_steps = getattr(worker, "_warmplan_steps", 0) + 1
     recorder = getattr(worker, "_warmplan_recorder", None)
-    cold = getattr(worker, "_warmplan_cold", None)
+    cold = monitor.cold if recorder is not None else None  # late device loads
     before = len(monitor.events) if recorder is not None else 0
     cold_before = len(cold.events) if cold is not None else 0
     try:
