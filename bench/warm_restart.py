@@ -184,7 +184,8 @@ def _child(out: str, argv: list[str]) -> int:
     from warmplan.cli import main
 
     main_start = time.perf_counter()
-    rc = main(argv)
+    sys.argv = ["warmplan", *argv]  # as the program: main() reads sys.argv
+    rc = main()
     main_s = time.perf_counter() - main_start
     report = {}
     path = _arg(argv, "--report", None)

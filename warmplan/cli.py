@@ -105,6 +105,18 @@ def _terminate(signum: int, frame: object) -> None:
 INTERNAL_ERROR = 3
 
 
+def _before_exit() -> None:
+    """The process is about to exit (``main`` was called as the program, ``argv`` from
+    ``sys.argv``): move every object to the GC's permanent generation, so that the
+    interpreter's teardown does not walk the millions that torch, dynamo and inductor
+    made. Measured on the 2-core CPU, a warm ``warmplan run plans/dsv4.yaml``: exit
+    1.6-2.0 s -> 0.3-0.4 s (issue 13). Not done for in-process callers (an explicit
+    ``argv``): frozen objects are never collected."""
+    import gc
+
+    gc.freeze()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -114,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code: int = args.run(args)
+        if argv is None:
+            _before_exit()
         return code
     except PlanError as exc:
         for problem in exc.problems:
