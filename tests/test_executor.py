@@ -44,10 +44,12 @@ def test_dsv4_calls_in_order() -> None:
 
 
 def test_clamped_duplicates_run_once() -> None:
-    """With max_num_tokens 8 the slot mapping at 8 runs once, not fourteen times."""
+    """With max_num_tokens 8 the slot mapping at 8 runs once, not fourteen times (and
+    the built-in engine's extra sizes, all clamped to 8 too, once more)."""
     worker = RecordingWorker(max_num_tokens=8, max_num_batched_tokens=16, flags=NO_FI)
     report = run_plan(DSV4, worker)
-    assert [c.args["num_tokens"] for c in worker.calls_named("slot_mapping")] == list(range(1, 9))
+    assert [c.args["num_tokens"] for c in worker.calls_named("slot_mapping")] == [*range(1, 9), 8]
+    assert report.step("builtin-slot-mapping").applied == [8]
     step = report.step("slot-mapping")
     assert step.requested == [*range(1, 17), 32, 64, 128, 256, 512] and step.applied == list(
         range(1, 9)

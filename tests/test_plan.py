@@ -37,7 +37,9 @@ def test_dsv4_records() -> None:
         "sparse-mla-second-chunk",
         "slot-mapping",
         "flashinfer-autotune",
-        *[f"builtin-decode-{n}" for n in (1, 2, 4, 8, 32, 64)],
+        "builtin-decode-1",
+        "builtin-slot-mapping",
+        *[f"builtin-decode-{n}" for n in (2, 4, 8, 32, 64)],
         "builtin-batch-128",
         "builtin-batch-256",
     ]
