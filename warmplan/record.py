@@ -27,6 +27,10 @@ The vLLM plugin calls it from its execute-model hook::
 the plan under the monitor, then serves a trace (scheduled under the worker's
 limits) and records every batch with the compilations it caused. The recorded file
 replays with ``warmplan verify``, which compares its compilations with the live ones.
+
+Over ~400 lines on purpose: the recorder (the hot path, rotation, sampling) and
+``record()`` on the built-in engine share one line format and one test of
+record -> verify; they change together.
 """
 
 from __future__ import annotations

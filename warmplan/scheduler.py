@@ -40,6 +40,10 @@ decoding, encoder inputs, KV connectors, ``long_prefill_token_threshold``, parti
 prefills, async scheduling, sliding windows, cascade attention).
 
 This module never imports torch.
+
+Over ~400 lines on purpose: the scheduler model is one policy (budget, admission,
+chunking, KV blocks, preemption) whose parts share one step loop and its state;
+split, each part would need the others' internals.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ replaced, with a note (``AotStore.notes``, and a log line).
 AOT functions never recompile: a call their guards reject (a shape outside the
 plan's compile sizes, another dtype) goes to the JIT path (``AotFunction``), which
 the JIT monitor sees compile, with a warning naming the reason.
+
+Over ~400 lines on purpose: the artefact store, its identity (what makes an
+artefact foreign) and the guarded call are one contract: what is saved, what is
+refused and what falls back to the JIT path must be read together.
 """
 
 from __future__ import annotations
