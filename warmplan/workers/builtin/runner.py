@@ -13,10 +13,6 @@ Longer than ~400 lines on purpose: the runner's step buffers, batch preparation 
 the two compiled forwards share one set of buffers whose views must stay in step
 (the chunk-metadata kernel reads them whole); split apart they would be one class
 behind three modules.
-
-Over ~400 lines on purpose: the runner is the engine's one stateful object
-(buffers, batches, both compiled forwards); nano-vllm keeps it whole for the same
-reason.
 """
 
 from __future__ import annotations
