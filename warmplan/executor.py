@@ -252,6 +252,8 @@ def _run_one(
     entry.device_loads = monitor.device_loads(rstep.id)
     if result.autotune is not None:
         entry.autotune = asdict(result.autotune)
+    if result.keys is not None:
+        entry.keys = asdict(result.keys)
     if result.covers_run and rstep.replaces:
         covered[rstep.replaces] = rstep.id
     slog.info(

@@ -34,6 +34,7 @@ class StepReport:
     shape: str | None = None
     prior_context: int = 0
     autotune: dict[str, Any] | None = None
+    keys: dict[str, Any] | None = None  # compile_keys steps: per kernel, per key
     error: str | None = None
 
 

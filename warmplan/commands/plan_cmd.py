@@ -122,8 +122,13 @@ def run(args: argparse.Namespace) -> int:
         world_size=args.world_size,
     )
     resolved = resolve(plan, limits, facts, cache)
+    keys = key_counts(plan, resolved.steps, limits, facts)
     if args.json:
-        print_json(resolved.to_dict())
+        out = resolved.to_dict()
+        for step in out.get("steps", []):
+            if step["id"] in keys:
+                step["compile_keys"] = keys[step["id"]]
+        print_json(out)
         return 0
     rows = []
     for s in resolved.steps:
@@ -136,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
                 "kind": s.kind,
                 "tokens": tokens_text(s.requested, s.applied),
                 "clamp": f"{s.clamp_to}={s.limit}",
-                "detail": s.detail().strip(),
+                "detail": "; ".join(
+                    x for x in (s.detail().strip(), _keys_text(keys.get(s.id))) if x
+                ),
                 "status": status,
             }
         )
@@ -145,3 +152,101 @@ def run(args: argparse.Namespace) -> int:
     )
     print_table(rows, ["step", "kind", "tokens", "clamp", "detail", "status"])
     return 0
+
+
+def key_counts(
+    plan: Any, steps: Any, limits: Limits, facts: Facts
+) -> dict[str, list[dict[str, Any]]]:
+    """For each ``compile_keys`` step that runs: per kernel, the cases its domain
+    expands to and the compile keys they are, on the built-in engine the plan's
+    ``builtin`` block describes - before anything is built or compiled. Triton keys
+    are bound for the plan's CUDA target (``--device-capability``, default 9.0)
+    from this machine, GPU or not."""
+    wanted = [s for s in steps if s.kind == "compile_keys" and s.skipped is None]
+    if not wanted:
+        return {}
+    from warmplan.domains import DomainError
+    from warmplan.workers.builtin.config import EngineConfig
+
+    try:
+        engine = EngineConfig.from_mapping(
+            {
+                **plan.builtin,
+                "max_num_tokens": limits.max_num_tokens,
+                "max_num_batched_tokens": limits.max_num_batched_tokens,
+                "max_num_seqs": limits.max_num_seqs,
+            }
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{plan.path}: builtin: {exc}") from None
+    triton = facts.platform == "cuda"
+    target = None
+    if triton:
+        major, minor = facts.device_capability or (9, 0)
+        target = f"sm{major}{minor}"
+    out: dict[str, list[dict[str, Any]]] = {}
+    for s in wanted:
+        rows: list[dict[str, Any]] = []
+        try:
+            rows = _keys_of(engine, s, limits, target)
+        except DomainError as exc:
+            raise UserError(f"{s.where_prefix}.{exc.path}: {exc.message}") from None
+        out[s.id] = rows
+    return out
+
+
+def _keys_of(engine: Any, s: Any, limits: Limits, target: str | None) -> list[dict[str, Any]]:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    from warmplan.workers.builtin.jit_keys import KeyModel
+
+    model = KeyModel(engine, triton=target is not None)
+    names = list(model.kernels()) if s.kernel == "*" else [s.kernel]
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        if name not in model.kernels():
+            rows.append({"kernel": name, "note": "not a built-in kernel; counted when run"})
+            continue
+        uses_triton = target is not None and name != "forward"
+        if uses_triton:
+            try:
+                from warmplan.workers.triton_target import target_driver
+            except ImportError:  # pragma: no cover - the module itself has no imports
+                raise
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                rows.append({"kernel": name, "note": "Triton is not installed here"})
+                continue
+            with target_driver(target):
+                keyset, _ = model.keyset(name, s.domain, s.mode, limits)
+        else:
+            keyset, _ = model.keyset(name, s.domain, s.mode, limits)
+        rows.append(
+            {
+                "kernel": name,
+                "declared_cases": keyset.declared,
+                "cases": keyset.cases,
+                "keys": len(keyset.keys),
+                "variants": sum(k.variants for k in keyset.keys),
+                "labels": [k.label for k in keyset.keys],
+                **({"target": target} if uses_triton else {}),
+            }
+        )
+    return rows
+
+
+def _keys_text(rows: list[dict[str, Any]] | None) -> str:
+    if not rows:
+        return ""
+    parts = []
+    for r in rows:
+        if "note" in r:
+            parts.append(f"{r['kernel']}: {r['note']}")
+            continue
+        text = f"{r['kernel']}: {r['declared_cases']} cases -> {r['keys']} keys"
+        if r.get("target"):
+            text += f" ({r['variants']} Triton variants, {r['target']})"
+        parts.append(text)
+    return "; ".join(parts)

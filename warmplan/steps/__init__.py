@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from warmplan.steps import autotune, dummy_run, engine_warmup, slot_mapping
+from warmplan.steps import autotune, compile_keys, dummy_run, engine_warmup, slot_mapping
 from warmplan.steps.base import ResolvedStep, StepKind, StepResult, StepSpec
 
 STEPS: Final[dict[str, StepKind[Any, Any]]] = {
     "autotune": autotune.KIND,
+    "compile_keys": compile_keys.KIND,
     "dummy_run": dummy_run.KIND,
     "engine_warmup": engine_warmup.KIND,
     "slot_mapping": slot_mapping.KIND,

@@ -213,11 +213,22 @@ class AutotuneReport:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class KeysReport:
+    """The ``keys`` entry of a ``compile_keys`` step's report line: per kernel (cases,
+    keys, compiled / loaded / present, seconds), per key, and how a split went."""
+
+    kernels: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[dict[str, Any]] = field(default_factory=list)
+    split: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StepResult:
     """``covers_run``: the step ran its dummy run, so a step it ``replaces`` is covered."""
 
     covers_run: bool = False
     autotune: AutotuneReport | None = None
+    keys: KeysReport | None = None
 
 
 # --------------------------------------------------------------------------- the kind

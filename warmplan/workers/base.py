@@ -19,9 +19,11 @@ This module never imports torch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from warmplan.domains import KeyDomain
 
 if TYPE_CHECKING:
     from warmplan.world import World
@@ -214,6 +216,96 @@ class EngineWarmupWorker(Worker, Protocol):
 
     def run_engine_warmup(self, name: str) -> None:
         """Run the engine's warmup called ``name`` (a key of :meth:`engine_warmups`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JitKernelInfo:
+    """A kernel whose compile keys a worker can warm (``compile_keys`` steps).
+
+    ``backend``: what compiles it here (``triton``, ``inductor-aot``, ``vllm:triton``);
+    ``domain``: its declared cases (the default a plan narrows or extends);
+    ``params``: its parameter names, for error messages."""
+
+    name: str
+    backend: str
+    description: str = ""
+    domain: KeyDomain | None = None
+    params: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompileKey:
+    """One compiled variant of a kernel, however many cases map to it.
+
+    ``key``: a stable digest of what the compiler keys the variant by (for Triton its
+    cache key(s): binder specialisation, options, autotune configs); two cases with
+    the same ``key`` compile once. ``case``: the representative case that reproduces
+    it; ``label``: a short readable form; ``members``: how many cases mapped here."""
+
+    kernel: str
+    key: str
+    label: str
+    case: Mapping[str, Any] = field(default_factory=dict)
+    members: int = 1
+    variants: int = 1  # compiler artefacts behind the key (autotune configs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kernel": self.kernel,
+            "key": self.key,
+            "label": self.label,
+            "members": self.members,
+            "variants": self.variants,
+        }
+
+
+KeyOutcome = Literal["compiled", "loaded", "present"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyResult:
+    """What warming one key did: ``compiled`` (the compiler ran), ``loaded`` (from an
+    on-disk cache), ``present`` (already in this process); ``seconds`` its wall time."""
+
+    key: CompileKey
+    outcome: KeyOutcome
+    seconds: float
+    rank: int | None = None  # the rank that compiled it, when a warmup was split
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeySet:
+    """The keys a domain expands to on this worker, and how it got there."""
+
+    kernel: str
+    keys: tuple[CompileKey, ...]
+    cases: int  # cases expanded (after collapse and filters)
+    declared: int  # cases the domain declares
+    collapsed: tuple[str, ...] = ()  # parameters whose ranges became class representatives
+
+
+@runtime_checkable
+class KeyedWorker(Worker, Protocol):
+    """A worker that can warm kernels by compile key: compile each variant a declared
+    domain needs without running the kernel (``compile_keys`` steps)."""
+
+    def jit_kernels(self) -> Mapping[str, JitKernelInfo]:
+        """The kernels this worker can warm by key, by name."""
+
+    def compile_keys(
+        self, kernel: str, domain: KeyDomain | None, *, mode: str = "replace"
+    ) -> KeySet:
+        """Expand ``domain`` (``None``: the kernel's own) over the kernel's declared
+        domain (``mode``: ``replace`` or ``extend`` per parameter) into deduplicated
+        keys. Raises ``DomainError`` for a bad domain, ``StepUnsupported`` when the
+        kernel cannot be keyed here."""
+
+    def compile(self, keys: Sequence[CompileKey], *, threads: int = 1) -> list[KeyResult]:
+        """Compile (or load) each key without launching the kernel; ``threads`` > 1
+        compiles concurrently where the compiler allows. In ``keys``' order."""
+
+    def key_artefacts(self) -> Sequence[str]:
+        """Directories whose files are the compiled keys (to share across ranks)."""
 
 
 @runtime_checkable

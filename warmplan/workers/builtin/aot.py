@@ -359,10 +359,7 @@ class AotFunction:
         self._compiled: dict[str, Any] = {}
         self._warned: set[str] = set()
 
-    def __call__(self, *args: Any) -> Any:
-        key = self._key_of(args)
-        if key is None:
-            return self._run_jit(args)
+    def _get(self, key: str, args: Sequence[Any]) -> Any:
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self.store.get(
@@ -373,8 +370,29 @@ class AotFunction:
                 mark_dynamic=self._mark,
             )
             if hasattr(compiled, "guard_check"):
-                compiled.disable_guard_check()  # checked below, once
+                compiled.disable_guard_check()  # checked at each call, once
             self._compiled[key] = compiled
+        return compiled
+
+    def prepare(self, *args: Any) -> tuple[str | None, str]:
+        """Load or compile the artefact a call with ``args`` would use, without the
+        call (a compile key warmed without a launch). Returns the key and what it
+        took: ``present`` (already in this process), ``loaded`` or ``compiled``;
+        a key of ``None`` means the call would run the JIT path (nothing prepared)."""
+        key = self._key_of(args)
+        if key is None:
+            return None, "present"
+        if key in self._compiled:
+            return key, "present"
+        before = self.store.stats.compiles
+        self._get(key, args)
+        return key, "compiled" if self.store.stats.compiles > before else "loaded"
+
+    def __call__(self, *args: Any) -> Any:
+        key = self._key_of(args)
+        if key is None:
+            return self._run_jit(args)
+        compiled = self._get(key, args)
         check = getattr(compiled, "guard_check", None)
         if check is None:  # a torch without guard_check: the call checks, and raises
             try:

@@ -17,7 +17,7 @@ about:
   bool on CPU) chosen per call, as in vLLM's ``_build_prefill_chunk_metadata_kernel``:
   a second chunk (context already cached) is a separate compiled variant.
 
-Triton is imported only when CUDA is available. With an ``AotStore`` the compiled
+Triton's kernels are defined wherever it imports, and run only on CUDA. With an ``AotStore`` the compiled
 torch versions are loaded ahead of time (``warmplan.workers.builtin.aot``).
 """
 
@@ -29,15 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+# The Triton kernels are defined wherever Triton imports (their compile keys can be
+# derived and compiled for a GPU target from a CPU machine: warmplan.workers.builtin.
+# jit_keys); TRITON_IMPORT_ERROR says why they cannot *run* here.
 TRITON_IMPORT_ERROR: str | None
 try:
-    if not torch.cuda.is_available():
-        raise ImportError("CUDA is not available")
     import triton
     import triton.language as tl
 
-    TRITON_IMPORT_ERROR = None
-except ImportError as exc:  # CPU machines, or no triton installed
+    TRITON_IMPORT_ERROR = None if torch.cuda.is_available() else "CUDA is not available"
+except ImportError as exc:  # no triton installed
     triton = None
     tl = None
     TRITON_IMPORT_ERROR = str(exc)
@@ -215,9 +216,14 @@ if triton is not None:
             tl.store(hi_out + dst, kv0 + pos, mask=mask)
 
 
+def triton_module() -> Any:
+    """The ``triton`` module, or ``None`` when it is not installed."""
+    return triton
+
+
 def triton_autotuners() -> dict[str, Any]:
     """The engine's ``triton.autotune`` kernels by name (empty without Triton)."""
-    if triton is None:
+    if triton is None or TRITON_IMPORT_ERROR is not None:
         return {}
     return {"slot_mapping": _slot_mapping_kernel}
 

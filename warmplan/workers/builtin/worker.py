@@ -9,11 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from warmplan.domains import KeyDomain
 from warmplan.workers.base import (
     SHAPES,
     AutotuneBackend,
     Batch,
+    CompileKey,
     Facts,
+    JitKernelInfo,
+    KeyResult,
+    KeySet,
     Limits,
     Shape,
     WorkerInfo,
@@ -29,6 +34,7 @@ from warmplan.workers.builtin.config import (
     check_steps,
     facts_for,
 )
+from warmplan.workers.builtin.jit_keys import KeyCompiler, KeyModel
 from warmplan.workers.builtin.runner import ModelRunner
 
 if TYPE_CHECKING:
@@ -75,6 +81,8 @@ class BuiltinWorker:
 
             world = LocalWorld()
         self._world: World = world
+        self._key_cases: dict[str, dict[str, Any]] = {}
+        self._key_variants: dict[str, list[Any]] = {}
         self._backends: dict[str, AutotuneBackend] = {
             "builtin": BuiltinAutotuneBackend(self.runner),
             "triton": TritonAutotuneBackend(self.runner),
@@ -145,6 +153,39 @@ class BuiltinWorker:
     def autotune_backend(self, name: str) -> AutotuneBackend | None:
         return self._backends.get(name)
 
+    # ------------------------------------------------------------------ compile keys
+
+    def _key_model(self) -> KeyModel:
+        r = self.runner
+        return KeyModel(self.config, triton=r.kernels.use_triton, choose_impl=r.tuner.choose)
+
+    def jit_kernels(self) -> Mapping[str, JitKernelInfo]:
+        return self._key_model().kernels()
+
+    def compile_keys(
+        self, kernel: str, domain: KeyDomain | None, *, mode: str = "replace"
+    ) -> KeySet:
+        model = self._key_model()
+        keyset, cases = model.keyset(kernel, domain, mode, self.limits)
+        self._key_cases.update(cases)
+        self._key_variants.update(model.variants)
+        return keyset
+
+    def compile(self, keys: Sequence[CompileKey], *, threads: int = 1) -> list[KeyResult]:
+        model = self._key_model()
+        model.variants.update(self._key_variants)
+        compiler = KeyCompiler(self.runner, model)
+        with self.runner.preserve_state():
+            return compiler.compile(keys, self._key_cases, threads)
+
+    def key_artefacts(self) -> Sequence[str]:
+        """Where compiled keys live: the AOT store, inductor's and Triton's caches."""
+        out = []
+        if self.runner.aot is not None:
+            out.append(self.runner.aot.directory)
+        out.extend(d for d in (_inductor_dir(), _triton_dir()) if d)
+        return out
+
     def check_fits(self, steps: Sequence[ResolvedStep]) -> None:
         """Raise ``ValueError`` naming the step and the config field to change when a
         step's applied batches cannot run on this engine (``config.check_steps``)."""
@@ -153,6 +194,24 @@ class BuiltinWorker:
     def padded_num_tokens(self, num_tokens: int) -> int:
         """The compile size a batch of ``num_tokens`` runs at (for ``verify --suggest``)."""
         return self.runner.padded_size(num_tokens)
+
+
+def _inductor_dir() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:
+        return None
+    return str(cache_dir())
+
+
+def _triton_dir() -> str | None:
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return os.environ["TRITON_CACHE_DIR"]
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return str(knobs.cache.dir) if getattr(knobs.cache, "dir", None) else None
 
 
 def limits_of(config: EngineConfig) -> Limits:

@@ -1,0 +1,497 @@
+"""The built-in engine's kernels as compile keys (``compile_keys`` steps).
+
+Three kernels, each with a declared default domain:
+
+* ``slot_mapping`` (``num_tokens``: 1 .. max_num_tokens) - on CUDA the Triton
+  kernel, keyed by Triton's own binder and cache key across its autotune configs
+  (so a key is the set of variants one ``num_tokens`` class compiles: the 21-size
+  fan is 3 keys of 4 configs each); on CPU the compiled torch function, keyed by the
+  variant the engine's dispatch picks (``== 1``, ``% 16 == 0``, other), which is
+  the ahead-of-time artefact's name.
+* ``chunk_metadata`` (``has_prior_context``: false, true) - Triton's
+  ``HAS_PRIOR_CONTEXT`` constexpr, or the CPU function's static bool.
+* ``forward`` (``num_tokens``: the compile sizes; ``impl``: ``auto``, the
+  attention implementation the engine's tuner picks for that size, or one of
+  ``sdpa``/``matmul``) - the model's graph per padded size, an inductor artefact.
+
+``KeyModel`` derives keys from the engine config alone, so ``warmplan plan`` can
+count them before any engine exists; for Triton on a machine without a GPU it binds
+for a target (``warmplan.workers.triton_target``). ``KeyCompiler`` compiles keys
+on a running engine without launching: Triton's ``warmup`` on storage-less
+stand-in tensors (concurrently under ``triton.AsyncCompileMode`` where Triton has
+it), then a load onto the device; the CPU and forward artefacts through
+``AotFunction.prepare`` (traced on the engine's buffers, never called). Without
+ahead-of-time artefacts (``WARMPLAN_AOT=0``) a CPU key is warmed by one call of
+its kernel, and the report says ``launched``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from warmplan.domains import DomainError, IntRange, KeyDomain, expand
+from warmplan.workers.base import (
+    CompileKey,
+    JitKernelInfo,
+    KeyOutcome,
+    KeyResult,
+    KeySet,
+    Limits,
+)
+from warmplan.workers.builtin import kernels as K
+from warmplan.workers.builtin.attention import ATTENTION_IMPLS
+from warmplan.workers.builtin.config import EngineConfig
+
+if TYPE_CHECKING:
+    from warmplan.workers.builtin.runner import ModelRunner
+
+KERNELS = ("slot_mapping", "chunk_metadata", "forward")
+
+
+@dataclass(frozen=True, slots=True)
+class StandIn:
+    """A compile-only tensor: what Triton's binder reads (dtype, 16-byte alignment of
+    the pointer) and no storage."""
+
+    dtype: torch.dtype
+    aligned: bool = True
+
+    def data_ptr(self) -> int:
+        return 0 if self.aligned else 8
+
+
+def _digest(parts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:20]
+
+
+def _label(case: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in case.items())
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+@dataclass(frozen=True, slots=True)
+class TritonVariant:
+    """One ``JITFunction.warmup`` call: the function, its arguments, Triton's cache key."""
+
+    fn: Any
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...]
+    cache_key: str
+
+
+def _bind(fn: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    """Triton's own cache key of a launch: its binder's specialisation and options,
+    through ``compute_cache_key``, as ``JITFunction.run`` computes it."""
+    from triton import knobs
+    from triton.runtime import driver
+    from triton.runtime.jit import compute_cache_key
+
+    device = driver.active.get_current_device()
+    _, key_cache, _, _, binder = fn.device_caches[device]
+    kw = dict(kwargs)
+    kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug
+    kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    _, specialization, options = binder(*args, **kw)
+    return str(compute_cache_key(key_cache, specialization, options))
+
+
+def triton_variants(
+    kernel: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> list[TritonVariant]:
+    """The variants one launch may compile: one per autotune config (``triton.autotune``
+    benchmarks every config of a new tuning key), one for a plain ``@triton.jit``."""
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(kernel, Autotuner):
+        out = []
+        for config in kernel.configs:
+            kw = {**kwargs, **config.all_kwargs()}
+            out.append(
+                TritonVariant(kernel.fn, tuple(args), tuple(kw.items()), _bind(kernel.fn, args, kw))
+            )
+        return out
+    return [TritonVariant(kernel, tuple(args), tuple(kwargs.items()), _bind(kernel, args, kwargs))]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class KeyModel:
+    """Which compile key each case of a kernel's domain is, from the engine config.
+
+    ``triton``: key the metadata kernels as Triton does (the engine runs them on
+    CUDA); off, as the CPU torch functions are keyed. ``choose_impl``: the engine's
+    attention choice per padded size (``impl: auto``); absent, the default."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        triton: bool,
+        choose_impl: Callable[[int], str] | None = None,
+    ) -> None:
+        self.config = config
+        self.triton = triton
+        self.choose_impl = choose_impl or (lambda padded: ATTENTION_IMPLS[0])
+        self.sizes = config.effective_compile_sizes
+        self.variants: dict[str, list[TritonVariant]] = {}  # key -> Triton variants
+
+    def kernels(self) -> dict[str, JitKernelInfo]:
+        cfg = self.config
+        meta = "triton" if self.triton else "inductor-aot"
+        return {
+            "slot_mapping": JitKernelInfo(
+                name="slot_mapping",
+                backend=meta,
+                description="slot = block_table[req, pos // block_size] * block_size + pos % block_size",
+                domain=KeyDomain(params=(("num_tokens", (IntRange(1, cfg.max_num_tokens),)),)),
+                params=("num_tokens",),
+            ),
+            "chunk_metadata": JitKernelInfo(
+                name="chunk_metadata",
+                backend=meta,
+                description="per-token metadata of prefill chunks; a second chunk has prior context",
+                domain=KeyDomain(params=(("has_prior_context", (False, True)),)),
+                params=("has_prior_context",),
+            ),
+            "forward": JitKernelInfo(
+                name="forward",
+                backend="inductor-aot",
+                description="the model's graph at each compile size",
+                domain=KeyDomain(params=(("num_tokens", self.sizes), ("impl", ("auto",)))),
+                params=("num_tokens", "impl"),
+            ),
+        }
+
+    def padded(self, n: int) -> int:
+        for size in self.sizes:
+            if size >= n:
+                return size
+        return n
+
+    def env(self, limits: Limits) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            **limits.as_dict(),
+            "block_size": cfg.block_size,
+            "max_model_len": cfg.max_model_len,
+            "compile_sizes": self.sizes,
+        }
+
+    def keyset(
+        self, name: str, domain: KeyDomain | None, mode: str, limits: Limits
+    ) -> tuple[KeySet, dict[str, dict[str, Any]]]:
+        """The kernel's keys for ``domain`` over its declared one, and each key's case."""
+        info = self.kernels().get(name)
+        if info is None or info.domain is None:
+            raise KeyError(name)
+        merged = info.domain.merged(domain, mode=mode) if domain else info.domain
+        unknown = [p for p in merged.names if p not in info.params]
+        if unknown:
+            raise DomainError(
+                f"domain.{unknown[0]}",
+                f"kernel {name} has no parameter {unknown[0]!r}; its parameters: "
+                + ", ".join(info.params),
+            )
+        # Only Triton's plain ints collapse to their classes; the CPU variants of
+        # slot_mapping follow the same three classes (kernels.size_class).
+        collapsible = (lambda p: p == "num_tokens") if name == "slot_mapping" else (lambda p: False)
+        expansion = expand(merged, env=self.env(limits), collapsible=collapsible)
+        keys: dict[str, CompileKey] = {}
+        cases: dict[str, dict[str, Any]] = {}
+        members: dict[str, int] = {}
+        for case in expansion.cases:
+            self._check_case(name, case, limits)
+            key, label, nvar = self.key_of(name, case)
+            members[key] = members.get(key, 0) + 1
+            if key not in keys:
+                keys[key] = CompileKey(kernel=name, key=key, label=label, case=case, variants=nvar)
+                cases[key] = case
+        out = tuple(
+            CompileKey(
+                kernel=k.kernel,
+                key=k.key,
+                label=k.label,
+                case=k.case,
+                members=members[k.key],
+                variants=k.variants,
+            )
+            for k in keys.values()
+        )
+        return (
+            KeySet(
+                kernel=name,
+                keys=out,
+                cases=len(expansion.cases),
+                declared=expansion.declared,
+                collapsed=expansion.collapsed,
+            ),
+            cases,
+        )
+
+    def _check_case(self, name: str, case: Mapping[str, Any], limits: Limits) -> None:
+        n = case.get("num_tokens")
+        if "num_tokens" in case and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise DomainError("domain.num_tokens", f"expected token counts >= 1, found {n!r}")
+        if isinstance(n, int) and n > limits.max_num_tokens:
+            raise DomainError(
+                "domain.num_tokens",
+                f"expected at most max_num_tokens ({limits.max_num_tokens}), found {n} "
+                "(add where: [num_tokens <= max_num_tokens] to drop larger values)",
+            )
+        if name == "chunk_metadata" and not isinstance(case.get("has_prior_context"), bool):
+            raise DomainError(
+                "domain.has_prior_context",
+                f"expected true or false, found {case.get('has_prior_context')!r}",
+            )
+        impl = case.get("impl")
+        if name == "forward" and impl not in ("auto", *ATTENTION_IMPLS):
+            raise DomainError(
+                "domain.impl", f"expected auto, {', '.join(ATTENTION_IMPLS)}; found {impl!r}"
+            )
+
+    def key_of(self, name: str, case: Mapping[str, Any]) -> tuple[str, str, int]:
+        """(key, label, variants) of one case."""
+        if name == "forward":
+            padded = self.padded(case["num_tokens"])
+            impl = case["impl"] if case["impl"] != "auto" else self.choose_impl(padded)
+            graph = f"n{padded}" if padded in self.sizes else "dynamic"
+            return f"forward-{graph}-{impl}", f"padded={padded}, impl={impl}", 1
+        if self.triton:
+            variants = self._triton_variants(name, case)
+            key = _digest([v.cache_key for v in variants])
+            self.variants[key] = variants
+            return key, self._triton_label(name, case), len(variants)
+        if name == "slot_mapping":
+            cls = K.size_class(case["num_tokens"])
+            return f"slot_mapping-{cls}", f"num_tokens {cls} (e.g. {case['num_tokens']})", 1
+        prior = int(bool(case["has_prior_context"]))
+        return f"chunk_metadata-prior{prior}", f"has_prior_context={bool(prior)}", 1
+
+    def _triton_label(self, name: str, case: Mapping[str, Any]) -> str:
+        if name == "slot_mapping":
+            n = case["num_tokens"]
+            return f"num_tokens {K.size_class(n)} (e.g. {n})"
+        return f"HAS_PRIOR_CONTEXT={bool(case['has_prior_context'])}"
+
+    def _triton_variants(self, name: str, case: Mapping[str, Any]) -> list[TritonVariant]:
+        if K.triton_module() is None:
+            raise RuntimeError("triton is not installed")
+        i64 = StandIn(torch.int64)
+        cfg = self.config
+        if name == "slot_mapping":
+            n = case["num_tokens"]
+            # As Kernels.slot_mapping launches it: whole aligned buffers, the block
+            # table's row stride, the autotuner's size bucket (not specialised).
+            args: tuple[Any, ...] = (
+                i64,
+                i64,
+                i64,
+                i64,
+                n,
+                cfg.max_blocks_per_seq,
+                K.next_power_of_two(n),
+            )
+            return triton_variants(K._slot_mapping_kernel, args, {"block_size": cfg.block_size})
+        args = (i64,) * 7 + (0,)
+        kwargs = {"HAS_PRIOR_CONTEXT": bool(case["has_prior_context"]), "BLOCK": 128}
+        return triton_variants(K._chunk_metadata_kernel, args, kwargs)
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+class _Listener:
+    """Chained onto Triton's compile listener while keys compile: which compiled
+    kernel (by its hash) came from the on-disk cache, and its compile time."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, bool] = {}
+        self.lock = threading.Lock()
+        self.previous: Any = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        from triton import knobs
+
+        self.previous = knobs.compilation.listener
+
+        def listener(*args: Any, **kwargs: Any) -> Any:
+            metadata = kwargs.get("metadata")
+            h = (
+                metadata.get("hash")
+                if isinstance(metadata, dict)
+                else getattr(metadata, "hash", None)
+            )
+            if h is not None:
+                with self.lock:
+                    self.hits[str(h)] = bool(kwargs.get("cache_hit"))
+            if self.previous is not None:
+                return self.previous(*args, **kwargs)
+            return None
+
+        knobs.compilation.listener = listener
+        try:
+            yield
+        finally:
+            knobs.compilation.listener = self.previous
+
+
+class KeyCompiler:
+    """Compiles keys on a running engine (see the module's docstring)."""
+
+    def __init__(self, runner: ModelRunner, model: KeyModel) -> None:
+        self.runner = runner
+        self.model = model
+        self.launched: set[str] = set()  # keys warmed by a call, not ahead of time
+
+    def compile(
+        self, keys: Sequence[CompileKey], cases: Mapping[str, Mapping[str, Any]], threads: int
+    ) -> list[KeyResult]:
+        results: dict[int, KeyResult] = {}
+        triton_keys = [
+            (i, k) for i, k in enumerate(keys) if k.kernel != "forward" and self.model.triton
+        ]
+        if triton_keys:
+            for i, r in self._compile_triton([k for _, k in triton_keys], threads):
+                results[triton_keys[i][0]] = r
+        for i, key in enumerate(keys):
+            if i in results:
+                continue
+            t0 = time.perf_counter()
+            outcome = self._compile_torch(key, cases[key.key])
+            results[i] = KeyResult(key=key, outcome=outcome, seconds=time.perf_counter() - t0)
+        return [results[i] for i in range(len(keys))]
+
+    # -- Triton
+
+    def _compile_triton(
+        self, keys: Sequence[CompileKey], threads: int
+    ) -> list[tuple[int, KeyResult]]:
+        from triton.runtime import driver
+
+        listener = _Listener()
+        device = driver.active.get_current_device()
+        todo: list[tuple[int, TritonVariant]] = []
+        present = set()
+        for i, key in enumerate(keys):
+            variants = self.model.variants[key.key]
+            cached = [v.cache_key in v.fn.device_caches[device][0] for v in variants]
+            if all(cached):
+                present.add(i)
+            todo.extend((i, v) for v, c in zip(variants, cached, strict=True) if not c)
+        starts: dict[int, float] = {}
+        ends: dict[int, float] = {}
+        t_all = time.perf_counter()
+        with listener.installed():
+            async_mode = getattr(K.triton_module(), "AsyncCompileMode", None)
+            if threads > 1 and async_mode is not None and len(todo) > 1:
+                with ThreadPoolExecutor(max_workers=threads) as pool, async_mode(pool):
+                    for i, v in todo:
+                        starts.setdefault(i, time.perf_counter())
+                        v.fn.warmup(*v.args, grid=(1,), **dict(v.kwargs))
+                for i, _ in todo:
+                    ends[i] = time.perf_counter()
+            else:
+                for i, v in todo:
+                    starts.setdefault(i, time.perf_counter())
+                    v.fn.warmup(*v.args, grid=(1,), **dict(v.kwargs))
+                    ends[i] = time.perf_counter()
+        wall = time.perf_counter() - t_all
+        load_onto_device = torch.cuda.is_available()
+        out = []
+        for i, key in enumerate(keys):
+            if i in present:
+                out.append((i, KeyResult(key=key, outcome="present", seconds=0.0)))
+                continue
+            outcomes = []
+            for v in self.model.variants[key.key]:
+                compiled = v.fn.device_caches[device][0].get(v.cache_key)
+                if compiled is not None and hasattr(compiled, "result"):
+                    compiled = compiled.result()
+                h = getattr(compiled, "hash", None)
+                outcomes.append(listener.hits.get(str(h)) if h is not None else None)
+                if load_onto_device and compiled is not None and hasattr(compiled, "_init_handles"):
+                    compiled._init_handles()  # onto the device now, not at the first launch
+            outcome: KeyOutcome = "loaded" if outcomes and all(outcomes) else "compiled"
+            seconds = ends.get(i, t_all + wall) - starts.get(i, t_all)
+            out.append((i, KeyResult(key=key, outcome=outcome, seconds=seconds)))
+        return out
+
+    # -- torch (CPU metadata kernels, the forward)
+
+    def _compile_torch(self, key: CompileKey, case: Mapping[str, Any]) -> KeyOutcome:
+        r = self.runner
+        b, cfg = r.buffers, r.config
+        if key.kernel == "forward":
+            padded = self.model.padded(case["num_tokens"])
+            impl = key.key.rsplit("-", 1)[1]
+            if r._static_aot is not None and padded in r.compile_sizes:
+                kv_len = max(padded, r.min_kv)
+                args = (
+                    r.model,
+                    b["input_ids"][:padded],
+                    b["positions"][:padded],
+                    b["slot_mapping"][:padded],
+                    b["kv_slots"][:kv_len],
+                    b["kv_lo"][:padded],
+                    b["kv_hi"][:padded],
+                    impl,
+                )
+                with torch.no_grad():
+                    return _outcome(r._static_aot.prepare(*args)[1])
+            self.launched.add(key.key)
+            with r.preserve_state(), torch.no_grad():
+                r.dummy_run("plain", min(case["num_tokens"], cfg.max_num_batched_tokens))
+            return "compiled"
+        kern = r.kernels
+        if key.kernel == "slot_mapping":
+            n = case["num_tokens"]
+            fn = kern._slot.get(K.size_class(n))
+            prepare = getattr(fn, "prepare", None)
+            if prepare is not None:
+                with torch.no_grad():
+                    return _outcome(
+                        prepare(
+                            b["block_tables"], b["req_idx"][:n], b["positions"][:n], cfg.block_size
+                        )[1]
+                    )
+            self.launched.add(key.key)
+            with r.preserve_state(), torch.no_grad():
+                r.slot_mapping(n)
+            return "compiled"
+        prior = bool(case["has_prior_context"])
+        prepare = getattr(kern._meta, "prepare", None)
+        if prepare is not None:
+            tokens = torch.arange(b["positions"].numel(), dtype=torch.int64, device=r.device)
+            offset = torch.tensor(0, dtype=torch.int64, device=r.device)
+            with torch.no_grad():
+                return _outcome(
+                    prepare(
+                        b["query_start_loc"],
+                        b["context_lens"],
+                        b["kv_start"],
+                        tokens,
+                        offset,
+                        prior,
+                    )[1]
+                )
+        self.launched.add(key.key)
+        with r.preserve_state(), torch.no_grad():
+            r.dummy_run("single_prefill", 16, 16 if prior else 0)
+        return "compiled"
+
+
+def _outcome(text: str) -> KeyOutcome:
+    return "loaded" if text == "loaded" else "present" if text == "present" else "compiled"
