@@ -79,20 +79,25 @@ def test_skips_are_reported_with_reasons() -> None:
         "slot-mapping": "gate platform: needs cuda, worker is cpu",
         "sparse-mla-decode-autotune": "gate device_capability_family: needs 120, worker has no CUDA capability (cpu)",
         "flashinfer-autotune": "gate device_capability: needs >= 9.0, worker has no CUDA capability (cpu)",
+        **{
+            f"builtin-{what}-keys": "the recording worker cannot compile kernels by key "
+            f"(kernel {kernel!r})"
+            for what, kernel in (
+                ("slot", "slot_mapping"),
+                ("chunk", "chunk_metadata"),
+                ("forward", "forward"),
+            )
+        },
     }
-    # The three sparse-MLA shapes, then the built-in engine's compile sizes.
-    assert [c.args["num_tokens"] for c in worker.calls_named("dummy_run")] == [
-        16,
-        512,
-        512,
-        1,
-        2,
-        4,
-        8,
-        32,
-        64,
-        128,
-        256,
+    # The three sparse-MLA shapes; the built-in engine's compile sizes are keys now.
+    assert [c.args["num_tokens"] for c in worker.calls_named("dummy_run")] == [16, 512, 512]
+    # The built-in engine's bucket tuning runs (the recording worker has the backend).
+    assert [c.args["num_tokens"] for c in worker.calls_named("slot_mapping")] == [
+        17,
+        33,
+        65,
+        129,
+        257,
     ]
 
 

@@ -14,6 +14,7 @@ from tests._paths import PLANS, ROOT
 from warmplan.errors import PlanError
 from warmplan.plan import load_plan, parse_plan
 from warmplan.steps.autotune import AutotuneStep
+from warmplan.steps.compile_keys import CompileKeysStep
 from warmplan.steps.dummy_run import DummyRunStep
 from warmplan.steps.slot_mapping import PowersOfTwo, SlotMappingStep, TokenRange, expand_tokens
 
@@ -35,17 +36,20 @@ def test_dsv4_records() -> None:
         "sparse-mla-mixed",
         "sparse-mla-prefill",
         "sparse-mla-second-chunk",
+        "builtin-slot-keys",
+        "builtin-chunk-keys",
+        "builtin-forward-keys",
         "slot-mapping",
         "flashinfer-autotune",
-        "builtin-decode-1",
         "builtin-slot-mapping",
-        *[f"builtin-decode-{n}" for n in (2, 4, 8, 32, 64)],
-        "builtin-batch-128",
-        "builtin-batch-256",
     ]
-    # The built-in engine's compile-size steps are gated off every other worker.
-    assert all(s.when.attention_backend == ("BUILTIN_SPARSE_MLA",) for s in plan.steps[6:])
-    slot = plan.steps[4]
+    # The built-in engine's steps are gated off every other worker.
+    builtin = [s for s in plan.steps if s.id.startswith("builtin-")]
+    assert all(s.when.attention_backend == ("BUILTIN_SPARSE_MLA",) for s in builtin)
+    keys = plan.steps[4]
+    assert isinstance(keys, CompileKeysStep) and keys.kernel == "slot_mapping"
+    assert keys.replaces == "slot-mapping"  # the seed's fan, covered where the kernel is keyed
+    slot = plan.steps[7]
     assert isinstance(slot, SlotMappingStep)
     assert expand_tokens(slot.tokens) == [*range(1, 17), 32, 64, 128, 256, 512]
     assert slot.clamp_to == "max_num_tokens"
@@ -61,7 +65,7 @@ def test_dsv4_records() -> None:
     assert auto.when.flag == {"enable_flashinfer_autotune": (True,)}
     second = plan.steps[3]
     assert isinstance(second, DummyRunStep) and second.run.prior_context == "same"
-    fi = plan.steps[5]
+    fi = plan.steps[8]
     assert isinstance(fi, AutotuneStep) and fi.when.device_capability == (9, 0)
     assert fi.when.flag == {"enable_flashinfer_autotune": (True, "unset")}
     assert fi.cache.policy == "leader" and fi.run.tokens == "max_num_batched_tokens"
@@ -110,7 +114,7 @@ def test_every_problem_of_a_file_at_once() -> None:
     assert problems(text) == [
         "p.yaml:4:5: steps[0]: missing required key 'tokens'",
         "p.yaml:6:5: steps[0].tokns: unknown key 'tokns' (did you mean 'tokens'?); expected one of id, description, enabled, when, kind, tokens, clamp_to",
-        "p.yaml:8:11: steps[1].kind: unknown step kind 'dummy_rn'; expected one of autotune, dummy_run, engine_warmup, slot_mapping (did you mean 'dummy_run'?)",
+        "p.yaml:8:11: steps[1].kind: unknown step kind 'dummy_rn'; expected one of autotune, compile_keys, dummy_run, engine_warmup, slot_mapping (did you mean 'dummy_run'?)",
         "p.yaml:11:12: steps[2].shape: expected one of mixed, single_prefill, uniform_decode, plain, found 'mixd' (did you mean 'mixed'?)",
         "p.yaml:12:13: steps[2].tokens: expected an integer >= 0, found -1",
         "p.yaml:13:9: steps[3].id: duplicate step id 'one' (first used by steps[0])",
@@ -226,7 +230,7 @@ def test_replaces_must_name_a_dummy_run() -> None:
         (HEAD + "  - 7\n", "p.yaml:4:5: steps[0]: expected a step mapping, found 7"),
         (
             HEAD + "  - {id: a, tokens: [1]}\n",
-            "p.yaml:4:5: steps[0]: missing required key 'kind'; expected one of autotune, dummy_run, engine_warmup, slot_mapping",
+            "p.yaml:4:5: steps[0]: missing required key 'kind'; expected one of autotune, compile_keys, dummy_run, engine_warmup, slot_mapping",
         ),
     ],
 )
@@ -293,7 +297,7 @@ def test_validate_cli_reports_all_files(write_plan: Callable[..., Path]) -> None
     assert proc.returncode == 1
     assert proc.stdout == f"ok: {good} (builtin-smoke, 4 steps)\n"
     assert proc.stderr == (
-        f"{bad}:4:19: steps[0].kind: unknown step kind 'nope'; expected one of autotune, dummy_run, engine_warmup, slot_mapping\n"
+        f"{bad}:4:19: steps[0].kind: unknown step kind 'nope'; expected one of autotune, compile_keys, dummy_run, engine_warmup, slot_mapping\n"
         f"{empty}:1:1: the file is empty; expected a plan mapping\n"
         "2 of 3 plan files invalid\n"
     )

@@ -193,7 +193,7 @@ def _run_one(
     into.append(entry)
     slog = bound.bind(step=rstep.id, kind=rstep.kind)
     if entry.skipped is None and rstep.id in covered:
-        entry.skipped = f"covered by {covered[rstep.id]}, which ran this shape"
+        entry.skipped = f"covered by {covered[rstep.id]}"
     if entry.skipped is not None:
         slog.info(
             "step.skip",
@@ -255,7 +255,8 @@ def _run_one(
     if result.keys is not None:
         entry.keys = asdict(result.keys)
     if result.covers_run and rstep.replaces:
-        covered[rstep.replaces] = rstep.id
+        how = "compiled its keys" if result.keys is not None else "ran this shape"
+        covered[rstep.replaces] = f"{rstep.id}, which {how}"
     slog.info(
         "step.done",
         duration_s=round(entry.duration_s, 4),

@@ -64,6 +64,14 @@ def _check_nan(value: Any, path: Path, problems: Problems) -> None:
             _check_nan(item, (*path, i), problems)
 
 
+# What a step of each kind may stand in for: an autotune step's run is a dummy run; a
+# compile_keys step compiles what a slot-mapping fan or a dummy run would have.
+REPLACEABLE: dict[str, tuple[str, ...]] = {
+    "autotune": ("dummy_run",),
+    "compile_keys": ("slot_mapping", "dummy_run"),
+}
+
+
 def _check_replaces(
     step: Mapping[str, Any],
     i: int,
@@ -83,8 +91,11 @@ def _check_replaces(
             at,
             f"expected a later step, found {target!r} (steps[{j}]), which runs before this one",
         )
-    elif kinds.get(target) != "dummy_run":
-        problems.add(
-            at,
-            f"expected the id of a dummy_run step, found {target!r}, a {kinds.get(target)} step",
-        )
+    else:
+        allowed = REPLACEABLE.get(str(step.get("kind")), ("dummy_run",))
+        if kinds.get(target) not in allowed:
+            what = " or ".join(allowed)
+            problems.add(
+                at,
+                f"expected the id of a {what} step, found {target!r}, a {kinds.get(target)} step",
+            )

@@ -46,7 +46,7 @@ from warmplan.steps.base import (
     StepResult,
     StepSpec,
 )
-from warmplan.steps.common import COMMON_FIELDS, Path, Problems, obj
+from warmplan.steps.common import COMMON_FIELDS, ID_PATTERN, Path, Problems, obj
 from warmplan.workers.base import (
     CompileKey,
     KeyedWorker,
@@ -142,6 +142,15 @@ SCHEMA: dict[str, Any] = obj(
                 "and the worker's limits (max_num_tokens, max_num_batched_tokens, "
                 "max_num_seqs) and facts. Python syntax: arithmetic, comparisons, and/or/not, "
                 "min, max, abs, cdiv, is_power_of_two."
+            ),
+        },
+        "replaces": {
+            "type": "string",
+            "pattern": ID_PATTERN,
+            "description": (
+                "The id of a later slot_mapping or dummy_run step whose compiles this step "
+                "covers: skipped when this step compiled its keys, run when it did not "
+                "(a worker without the kernel)."
             ),
         },
         "mode": {
@@ -293,7 +302,7 @@ def resolve(step: CompileKeysStep, ctx: ResolveContext) -> ResolvedCompileKeys:
         limit=ctx.limits.max_num_tokens,
         skipped=ctx.skipped,
         replaced_by=ctx.replaced_by,
-        replaces=None,
+        replaces=step.replaces,
         kernel=step.kernel,
         domain=step.domain,
         mode=step.mode,
@@ -421,7 +430,9 @@ def run(rstep: ResolvedCompileKeys, worker: Worker, log: Logger) -> StepResult:
         for k in keys
         for r in [results[_ident(k)]]
     ]
-    return StepResult(keys=KeysReport(kernels=kernels, keys=per_key, split=split_info))
+    return StepResult(
+        covers_run=True, keys=KeysReport(kernels=kernels, keys=per_key, split=split_info)
+    )
 
 
 def _ident(key: CompileKey) -> tuple[str, str]:

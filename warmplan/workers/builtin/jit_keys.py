@@ -124,6 +124,13 @@ def triton_variants(
     return [TritonVariant(kernel, tuple(args), tuple(kwargs.items()), _bind(kernel, args, kwargs))]
 
 
+def _target() -> str:
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    return f"{target.backend}:{target.arch}:{target.warp_size}"
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -270,7 +277,9 @@ class KeyModel:
             return f"forward-{graph}-{impl}", f"padded={padded}, impl={impl}", 1
         if self.triton:
             variants = self._triton_variants(name, case)
-            key = _digest([v.cache_key for v in variants])
+            # Triton's in-process key omits the target (its caches are per device);
+            # ours may cross machines, so the target is part of it.
+            key = _digest([f"{_target()}|{v.cache_key}" for v in variants])
             self.variants[key] = variants
             return key, self._triton_label(name, case), len(variants)
         if name == "slot_mapping":
