@@ -47,10 +47,10 @@ def engine() -> EngineConfig:
 
 
 @pytest.fixture
-def triton_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def triton_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "triton"
     monkeypatch.setenv("TRITON_CACHE_DIR", str(d))
-    yield d
+    return d
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ def test_the_cases_are_the_product_times_the_rows_less_the_filtered() -> None:
 def test_a_case_name_wins_over_the_environment_and_unknown_names_are_named() -> None:
     d = KeyDomain(params=(("max_num_tokens", (3,)),), where=("max_num_tokens == 3",))
     assert len(expand(d, env={"max_num_tokens": 512}).cases) == 1
-    with pytest.raises(DomainError, match="unknown name 'nope'.*known: max_num_tokens") as exc:
+    with pytest.raises(DomainError, match=r"unknown name 'nope'.*known: max_num_tokens") as exc:
         expand(KeyDomain(params=(("n", (1,)),), where=("nope > 1",)), env={"max_num_tokens": 1})
     assert exc.value.path == "where.0"
 
@@ -52,7 +52,7 @@ def test_a_case_name_wins_over_the_environment_and_unknown_names_are_named() -> 
     "text", ["__import__('os')", "n.real", "lambda: 1", "open('x')", "n[0]", "f(n)", "x = 1"]
 )
 def test_filters_allow_only_plain_expressions(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not allowed|not an expression"):
         parse_filter(text)
 
 
