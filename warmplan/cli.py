@@ -1,4 +1,4 @@
-"""The ``warmplan`` command: validate, plan, run, verify, schema.
+"""The ``warmplan`` command: validate, plan, run, verify, minimize, schema.
 
 ``main(argv=None) -> int``; user errors end in one clear message on stderr and exit
 1 (a failed step exits 2), never a traceback.
@@ -15,11 +15,19 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from warmplan import __version__
-from warmplan.commands import plan_cmd, record, run_cmd, schema_cmd, suggest, validate
+from warmplan.commands import (
+    minimize_cmd,
+    plan_cmd,
+    record,
+    run_cmd,
+    schema_cmd,
+    suggest,
+    validate,
+)
 from warmplan.errors import PlanError, WarmplanError
 from warmplan.log import configure
 
-COMMANDS = [validate, plan_cmd, run_cmd, record, suggest, schema_cmd]
+COMMANDS = [validate, plan_cmd, run_cmd, record, suggest, minimize_cmd, schema_cmd]
 
 
 def _verify_module() -> object | None:
