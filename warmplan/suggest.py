@@ -10,6 +10,12 @@ For every trace batch that compiled something (events labelled ``batch[N]``, see
   the chunk's context as ``prior_context``), ``plain`` otherwise - at the batch's token count, padded the way
   the worker pads its forward when it says how (``padded_num_tokens(n)``).
 
+``suggest_keys`` says the same by compile key, for the built-in engine's kernels:
+one ``compile_keys`` step per kernel (``keys-forward``, ...) whose ``domain`` lists
+the cases the compiling batches reached (forward ``num_tokens``, padded; slot
+mapping ``num_tokens``, raw; chunk metadata ``has_prior_context``) - compiled
+without a launch.
+
 Suggestions are deduplicated and sorted, and render as YAML step mappings that
 conform to the plan schema, ready to paste under a plan's ``steps:``, or as a unified
 diff that adds them to the plan file (``render_patch``). The events come from a
@@ -48,8 +54,8 @@ class EventLike(Protocol):
     def cache_hit(self) -> bool: ...
 
 
-class _FlowList(list[int]):
-    """A list of token counts, written inline: ``tokens: [7, 32, 48]``."""
+class _FlowList(list[Any]):
+    """A list of values, written inline: ``tokens: [7, 32, 48]``."""
 
 
 class _Dumper(yaml.SafeDumper):
@@ -125,13 +131,7 @@ def suggest(
     loads count too unless ``include_cache_loads`` is false: they are cheaper than a
     compile but still far slower than a warm call.
     """
-    hit: set[int] = set()
-    for event in events:
-        if event.cache_hit and not include_cache_loads:
-            continue
-        index = batch_index(event.label)
-        if index is not None and 0 <= index < len(batches):
-            hit.add(index)
+    hit = _hit(events, batches, include_cache_loads)
     slot_sizes: dict[int, list[int]] = {}
     runs: dict[tuple[Shape, int, int], list[int]] = {}
     for index in sorted(hit):
@@ -169,7 +169,96 @@ def suggest(
     return out
 
 
-def render_yaml(suggestions: Sequence[Suggestion], *, header: bool = True) -> str:
+# --------------------------------------------------------------------------- compile keys
+
+KEY_KERNELS = ("slot_mapping", "chunk_metadata", "forward")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeysSuggestion:
+    """A suggested ``compile_keys`` step: one kernel, its domain as value lists (each
+    sorted, deduplicated), and the trace batches (0-based) whose cases they are."""
+
+    id: str
+    kernel: str
+    domain: tuple[tuple[str, tuple[Any, ...]], ...]
+    batches: tuple[int, ...] = ()
+    kind: str = "compile_keys"
+
+    def to_step(self) -> dict[str, Any]:
+        step: dict[str, Any] = {"id": self.id, "kind": self.kind, "kernel": self.kernel}
+        step["domain"] = {name: _FlowList(values) for name, values in self.domain}
+        step["description"] = _covers(self.batches)
+        return step
+
+
+def batch_key_cases(
+    batch: Batch, padded_num_tokens: Padding | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The built-in engine's kernel cases one batch reaches (``ModelRunner.step``):
+    ``chunk_metadata`` (whether a prefill chunk has prior context) when it has prefill
+    chunks, ``slot_mapping`` at its raw token count, ``forward`` at its padded count."""
+    n = batch.num_tokens
+    out: list[tuple[str, dict[str, Any]]] = []
+    if batch.prefill:
+        out.append(
+            ("chunk_metadata", {"has_prior_context": any(c.context > 0 for c in batch.prefill)})
+        )
+    out.append(("slot_mapping", {"num_tokens": n}))
+    padded = max(n, int(padded_num_tokens(n))) if padded_num_tokens is not None else n
+    out.append(("forward", {"num_tokens": padded}))
+    return out
+
+
+def suggest_keys(
+    events: Iterable[EventLike],
+    batches: Sequence[Batch],
+    *,
+    padded_num_tokens: Padding | None = None,
+    include_cache_loads: bool = True,
+) -> list[KeysSuggestion]:
+    """``compile_keys`` steps that would have covered ``events`` (labelled ``batch[N]``)
+    of ``batches``: the cases of every compiling batch, merged per kernel into one step
+    (``keys-forward``, ``keys-slot-mapping``, ``keys-chunk-metadata``) whose domain
+    lists each parameter's values. Built-in engine kernels; no launch when run."""
+    hit = _hit(events, batches, include_cache_loads)
+    values: dict[str, dict[str, set[Any]]] = {}
+    covered: dict[str, set[int]] = {}
+    for index in sorted(hit):
+        for kernel, case in batch_key_cases(batches[index], padded_num_tokens):
+            domain = values.setdefault(kernel, {})
+            for name, value in case.items():
+                domain.setdefault(name, set()).add(value)
+            covered.setdefault(kernel, set()).add(index)
+    out = []
+    for kernel in KEY_KERNELS:
+        if kernel not in values:
+            continue
+        out.append(
+            KeysSuggestion(
+                id=f"keys-{kernel.replace('_', '-')}",
+                kernel=kernel,
+                domain=tuple((name, tuple(sorted(vals))) for name, vals in values[kernel].items()),
+                batches=tuple(sorted(covered[kernel])),
+            )
+        )
+    return out
+
+
+def _hit(
+    events: Iterable[EventLike], batches: Sequence[Batch], include_cache_loads: bool
+) -> set[int]:
+    hit: set[int] = set()
+    for event in events:
+        if event.cache_hit and not include_cache_loads:
+            continue
+        index = batch_index(event.label)
+        if index is not None and 0 <= index < len(batches):
+            hit.add(index)
+    return hit
+
+
+def render_yaml(suggestions: Sequence[Suggestion | KeysSuggestion], *, header: bool = True) -> str:
     """The suggestions as a YAML list of plan steps (``""`` when there are none)."""
     if not suggestions:
         return ""

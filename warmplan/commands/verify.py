@@ -4,7 +4,9 @@ Argument parsing and printing only; the work is ``warmplan.verify.verify``.
 
 * ``--strict``: exit 1 when the replay compiled anything. Loads from an on-disk
   compile cache count too: a rerun on a warm cache must fail the same way.
-* ``--suggest``: print plan steps (YAML) that would have covered the compilations.
+* ``--suggest``: print plan steps (YAML) that would have covered the compilations:
+  dummy runs and a slot mapping, then the same as ``compile_keys`` steps (one per
+  built-in kernel, ``domain`` value lists; ``suggested_keys`` in ``--json``).
 * ``--json``: print the result as one JSON object instead of tables.
 
 Exit codes: 0 covered (or not strict); 1 a user error, or ``--strict`` and the replay
@@ -24,7 +26,14 @@ from warmplan.commands._common import (
     print_table,
 )
 from warmplan.scheduler import DEFAULT_STEP_S
-from warmplan.suggest import render_yaml
+from warmplan.suggest import (
+    EventLike,
+    KeysSuggestion,
+    Padding,
+    padding_of,
+    render_yaml,
+    suggest_keys,
+)
 from warmplan.trace import read_trace
 from warmplan.verify import EVENT_COLUMNS, VerifyResult, verify, verify_all
 
@@ -87,22 +96,40 @@ def run(args: argparse.Namespace) -> int:
     worker = make_worker(args, plan)
     results = verify_all(plan, worker, traces, step_s=step_s)
     head = {"plan": {"name": plan.name, "path": plan.path}}
+    pad = padding_of(worker)
     if args.json:
+        dicts = [r.to_dict() for r in results]
+        if args.suggest:
+            for d, r in zip(dicts, results, strict=True):
+                d["suggested_keys"] = [k.to_step() for k in key_suggestions(r, pad)]
         if len(results) == 1:
-            print_json(head | results[0].to_dict())
+            print_json(head | dicts[0])
         else:
-            print_json(head | {"traces": [r.to_dict() for r in results]})
+            print_json(head | {"traces": dicts})
     else:
         for n, result in enumerate(results):
             if n:
                 print()
-            print_result(plan.name, result, suggest=args.suggest)
+            print_result(plan.name, result, suggest=args.suggest, padded_num_tokens=pad)
     if args.strict and not all(r.covered for r in results):
         return 1
     return 0
 
 
-def print_result(plan_name: str, result: VerifyResult, *, suggest: bool = False) -> None:
+def key_suggestions(result: VerifyResult, pad: Padding | None) -> list[KeysSuggestion]:
+    """``compile_keys`` steps (one per built-in kernel) for the batches that compiled."""
+    events: list[EventLike] = [e for e in result.events if e.kind != "autotune_miss"]
+    events += result.cold
+    return suggest_keys(events, [e.batch for e in result.entries], padded_num_tokens=pad)
+
+
+def print_result(
+    plan_name: str,
+    result: VerifyResult,
+    *,
+    suggest: bool = False,
+    padded_num_tokens: Padding | None = None,
+) -> None:
     """The tables and lines ``verify`` prints."""
     print(
         f"plan {plan_name}: warmup {result.warmup_compiles} compiles, "
@@ -121,3 +148,10 @@ def print_result(plan_name: str, result: VerifyResult, *, suggest: bool = False)
     if suggest and result.suggestions:
         print()
         print(render_yaml(result.suggestions), end="")
+        keys = key_suggestions(result, padded_num_tokens)
+        if keys:
+            print(
+                "# Or by compile key (kind: compile_keys, built-in engine: no launch); "
+                "paste these instead of the dummy runs and the slot mapping."
+            )
+            print(render_yaml(keys, header=False), end="")
