@@ -50,6 +50,7 @@ from warmplan.workers.base import (
 from warmplan.workers.builtin import kernels as K
 from warmplan.workers.builtin.attention import ATTENTION_IMPLS
 from warmplan.workers.builtin.config import EngineConfig
+from warmplan.workers.triton_target import TargetDriver
 
 if TYPE_CHECKING:
     from warmplan.workers.builtin.runner import ModelRunner
@@ -399,6 +400,8 @@ class KeyCompiler:
             cached = [v.cache_key in v.fn.device_caches[device][0] for v in variants]
             if all(cached):
                 present.add(i)
+            # Only what is not in the process yet (an autotuned launch may have
+            # compiled some of a key's configs already) is compiled or loaded here.
             todo.extend((i, v) for v, c in zip(variants, cached, strict=True) if not c)
         starts: dict[int, float] = {}
         ends: dict[int, float] = {}
@@ -418,14 +421,17 @@ class KeyCompiler:
                     v.fn.warmup(*v.args, grid=(1,), **dict(v.kwargs))
                     ends[i] = time.perf_counter()
         wall = time.perf_counter() - t_all
-        load_onto_device = torch.cuda.is_available()
+        # A stand-in driver (a target, no device) compiles; nothing can be loaded then.
+        load_onto_device = torch.cuda.is_available() and not isinstance(driver.active, TargetDriver)
         out = []
         for i, key in enumerate(keys):
             if i in present:
                 out.append((i, KeyResult(key=key, outcome="present", seconds=0.0)))
                 continue
             outcomes = []
-            for v in self.model.variants[key.key]:
+            for j, v in todo:
+                if j != i:
+                    continue
                 compiled = v.fn.device_caches[device][0].get(v.cache_key)
                 if compiled is not None and hasattr(compiled, "result"):
                     compiled = compiled.result()
