@@ -11,6 +11,7 @@ from warmplan.monitor import CompileEvent
 from warmplan.plan import parse_plan
 from warmplan.suggest import (
     Suggestion,
+    batch_key_cases,
     compile_size_padding,
     insert_steps,
     padding_of,
@@ -19,6 +20,7 @@ from warmplan.suggest import (
     render_yaml,
     shape_of,
     suggest,
+    suggest_keys,
 )
 from warmplan.trace import RecordedCompile, TraceEntry
 from warmplan.workers.base import Batch, PrefillChunk
@@ -239,3 +241,67 @@ def test_recorded_events_label_each_compile_with_its_batch() -> None:
     ]
     pad = compile_size_padding([64, 1, 16])
     assert [pad(n) for n in (1, 2, 16, 17, 65)] == [1, 16, 16, 64, 65]
+
+
+def test_key_suggestions_merge_cases_per_kernel() -> None:
+    """One compile_keys step per kernel: forward at the padded counts, slot mapping at
+    the raw ones, chunk metadata where a batch has prefill chunks; values sorted and
+    deduplicated; only compiling batches count."""
+    keys = suggest_keys(
+        [_event(0), _event(1), _event(2), _event(4), _event(2)], BATCHES, padded_num_tokens=_pad
+    )
+    assert [k.to_step() | {"description": ""} for k in keys] == [
+        {
+            "id": "keys-slot-mapping",
+            "kind": "compile_keys",
+            "kernel": "slot_mapping",
+            "domain": {"num_tokens": [7, 48, 128, 300]},
+            "description": "",
+        },
+        {
+            "id": "keys-chunk-metadata",
+            "kind": "compile_keys",
+            "kernel": "chunk_metadata",
+            "domain": {"has_prior_context": [False, True]},
+            "description": "",
+        },
+        {
+            "id": "keys-forward",
+            "kind": "compile_keys",
+            "kernel": "forward",
+            "domain": {"num_tokens": [16, 64, 128, 300]},
+            "description": "",
+        },
+    ]
+    assert keys[1].batches == (1, 2, 4)
+    assert suggest_keys([_event(None)], BATCHES) == []
+
+
+def test_key_suggestions_render_as_schema_valid_steps() -> None:
+    import json
+
+    import jsonschema
+
+    from tests._paths import ROOT
+
+    keys = suggest_keys([_event(i) for i in range(len(BATCHES))], BATCHES, padded_num_tokens=_pad)
+    text = render_yaml([*suggest([_event(0)], BATCHES), *keys])
+    assert "domain:\n    num_tokens: [" in text
+    plan = {"version": 1, "name": "s", "steps": yaml.safe_load(text)}
+    schema = json.loads((ROOT / "schemas" / "plan.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(plan)
+    body = "".join(f"  {line}\n" for line in text.splitlines())
+    loaded = parse_plan(f"version: 1\nname: s\nsteps:\n{body}", file="s.yaml")
+    assert [s.kind for s in loaded.steps][-3:] == ["compile_keys"] * 3
+
+
+def test_batch_key_cases_follow_the_engine_step() -> None:
+    assert batch_key_cases(Batch(decode=3)) == [
+        ("slot_mapping", {"num_tokens": 3}),
+        ("forward", {"num_tokens": 3}),
+    ]
+    assert batch_key_cases(Batch(decode=2, prefill=(PrefillChunk(30, 16),)), _pad) == [
+        ("chunk_metadata", {"has_prior_context": True}),
+        ("slot_mapping", {"num_tokens": 32}),
+        ("forward", {"num_tokens": 64}),
+    ]

@@ -62,6 +62,7 @@ class Need:
     line: str
     index: int
     batches: int = 1
+    counts: tuple[int, ...] = ()  # slot_mapping: every raw count the traces run, sorted
 
     @property
     def where(self) -> str:
@@ -237,6 +238,7 @@ def needed_keys(
     the number of batches."""
     needed: dict[str, Need] = {}
     count: dict[str, int] = {}
+    seen: dict[str, set[int]] = {}
     batches = 0
     for trace in traces:
         replay = replay_batches(trace, limits, step_s=step_s)
@@ -245,6 +247,8 @@ def needed_keys(
             for kernel, case in batch_cases(specs_of(entry.batch)):
                 key, label, _ = model.key_of(kernel, case)
                 count[key] = count.get(key, 0) + 1
+                if kernel == "slot_mapping":
+                    seen.setdefault(key, set()).add(case["num_tokens"])
                 if key not in needed:
                     needed[key] = Need(
                         kernel=kernel,
@@ -255,7 +259,10 @@ def needed_keys(
                         line=entry.where,
                         index=index,
                     )
-    return {k: replace(n, batches=count[k]) for k, n in needed.items()}, batches
+    return {
+        k: replace(n, batches=count[k], counts=tuple(sorted(seen.get(k, ()))))
+        for k, n in needed.items()
+    }, batches
 
 
 # --------------------------------------------------------------------------- covered keys
@@ -453,7 +460,7 @@ def minimize(
         chosen, exact = set_cover(list(needed), candidates)
         _assign(steps, chosen, needed)
         _decide(steps, needed)
-        text = render(plan, steps, model, limits)
+        text = render(plan, steps, model, limits, needed)
     return Result(
         plan=plan,
         platform=platform if target is None else f"cuda ({target})",
@@ -637,10 +644,25 @@ def _keys_equal(
     return {k.key for k in keyset.keys} == set(keys)
 
 
-def render(plan: Plan, steps: Sequence[StepInfo], model: Any, limits: Limits) -> str:
+def _slot_count(s: StepInfo, key: str, model: Any, needed: Mapping[str, Need]) -> int:
+    """The count a narrowed slot-mapping step keeps for class ``key``: one of its own
+    that the traces run too, else the first of its own (in its order)."""
+    mine = [n for n in s.tokens if model.key_of("slot_mapping", {"num_tokens": n})[0] == key]
+    run = set(needed[key].counts) if key in needed else set()
+    return next((n for n in mine if n in run), mine[0])
+
+
+def render(
+    plan: Plan,
+    steps: Sequence[StepInfo],
+    model: Any,
+    limits: Limits,
+    needed: Mapping[str, Need] | None = None,
+) -> str:
     """The plan's text with removed steps cut out and narrowed ones re-rendered."""
     raw = yaml.safe_load(plan.source)
     raw_steps = raw["steps"]
+    needed = needed or {}
     removed = {s.id for s in steps if s.action == "removed"}
     new: dict[int, list[dict[str, Any]]] = {}
     drop: set[int] = set()
@@ -650,12 +672,8 @@ def render(plan: Plan, steps: Sequence[StepInfo], model: Any, limits: Limits) ->
             continue
         changed: list[dict[str, Any]] | None = None
         if s.action == "narrowed" and s.kind == "slot_mapping":
-            counts: dict[str, int] = {}
-            for n in s.tokens:
-                key, _, _ = model.key_of("slot_mapping", {"num_tokens": n})
-                counts.setdefault(key, n)
             d = dict(step)
-            d["tokens"] = _Flow(sorted(counts[k] for k in s.assigned))
+            d["tokens"] = _Flow(sorted(_slot_count(s, k, model, needed) for k in s.assigned))
             changed = [d]
         elif s.action == "narrowed" and s.kind == "compile_keys":
             parts = _narrowed_domains(s, step, model, limits)

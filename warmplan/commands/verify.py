@@ -97,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
     results = verify_all(plan, worker, traces, step_s=step_s)
     head = {"plan": {"name": plan.name, "path": plan.path}}
     pad = padding_of(worker)
+    keyed = keys_kernels(worker)
     if args.json:
         dicts = [r.to_dict() for r in results]
-        if args.suggest:
+        if args.suggest and keyed:
             for d, r in zip(dicts, results, strict=True):
                 d["suggested_keys"] = [k.to_step() for k in key_suggestions(r, pad)]
         if len(results) == 1:
@@ -110,10 +111,24 @@ def run(args: argparse.Namespace) -> int:
         for n, result in enumerate(results):
             if n:
                 print()
-            print_result(plan.name, result, suggest=args.suggest, padded_num_tokens=pad)
+            print_result(plan.name, result, suggest=args.suggest, padded_num_tokens=pad, keys=keyed)
     if args.strict and not all(r.covered for r in results):
         return 1
     return 0
+
+
+def keys_kernels(worker: object) -> bool:
+    """Whether ``worker`` keys the built-in engine's kernels (``compile_keys`` steps
+    for them would run there)."""
+    from warmplan.suggest import KEY_KERNELS
+    from warmplan.workers.base import KeyedWorker
+
+    if not isinstance(worker, KeyedWorker):
+        return False
+    try:
+        return set(KEY_KERNELS) <= set(worker.jit_kernels())
+    except Exception:  # a worker that cannot list its kernels gets no key suggestions
+        return False
 
 
 def key_suggestions(result: VerifyResult, pad: Padding | None) -> list[KeysSuggestion]:
@@ -129,6 +144,7 @@ def print_result(
     *,
     suggest: bool = False,
     padded_num_tokens: Padding | None = None,
+    keys: bool = False,
 ) -> None:
     """The tables and lines ``verify`` prints."""
     print(
@@ -148,10 +164,10 @@ def print_result(
     if suggest and result.suggestions:
         print()
         print(render_yaml(result.suggestions), end="")
-        keys = key_suggestions(result, padded_num_tokens)
-        if keys:
+        suggested = key_suggestions(result, padded_num_tokens) if keys else []
+        if suggested:
             print(
                 "# Or by compile key (kind: compile_keys, built-in engine: no launch); "
                 "paste these instead of the dummy runs and the slot mapping."
             )
-            print(render_yaml(keys, header=False), end="")
+            print(render_yaml(suggested, header=False), end="")
