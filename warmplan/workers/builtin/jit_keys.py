@@ -29,16 +29,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from warmplan.domains import DomainError, IntRange, KeyDomain, expand
+from warmplan.log import get_logger
 from warmplan.workers.base import (
     CompileKey,
     JitKernelInfo,
@@ -56,6 +59,11 @@ if TYPE_CHECKING:
     from warmplan.workers.builtin.runner import ModelRunner
 
 KERNELS = ("slot_mapping", "chunk_metadata", "forward")
+# Forward graphs compile in up to this many spawned processes (threads: N); each
+# builds the engine once (seconds), so a pool pays off from two graphs up.
+POOL_MAX = 8
+POOL_TIMEOUT_S = 1800.0
+_log = get_logger("warmplan.keys")
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,13 +384,71 @@ class KeyCompiler:
         if triton_keys:
             for i, r in self._compile_triton([k for _, k in triton_keys], threads):
                 results[triton_keys[i][0]] = r
+        by_pool = self._compile_in_pool(
+            [k for i, k in enumerate(keys) if i not in results], cases, threads
+        )
         for i, key in enumerate(keys):
             if i in results:
                 continue
             t0 = time.perf_counter()
             outcome = self._compile_torch(key, cases[key.key])
-            results[i] = KeyResult(key=key, outcome=outcome, seconds=time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            if key.key in by_pool:  # a pool process compiled it; this process loaded it
+                outcome, seconds = "compiled", by_pool[key.key] + seconds
+            results[i] = KeyResult(key=key, outcome=outcome, seconds=seconds)
         return [results[i] for i in range(len(keys))]
+
+    # -- torch graphs in parallel processes
+
+    def _pool_candidates(self, keys: Sequence[CompileKey]) -> list[CompileKey]:
+        """Forward keys with no artefact on disk and none in this process: the ones
+        worth a compile process (dynamo and inductor's lowering hold the GIL, so
+        threads would not overlap them)."""
+        r = self.runner
+        fn = r._static_aot
+        if r.aot is None or fn is None:
+            return []
+        out = []
+        for k in keys:
+            if k.kernel != "forward" or not k.key.startswith("forward-n"):
+                continue
+            name = k.key.removeprefix("forward-")
+            if name in fn._compiled or os.path.exists(r.aot.path(f"forward-{name}")):
+                continue
+            out.append(k)
+        return out
+
+    def _compile_in_pool(
+        self, keys: Sequence[CompileKey], cases: Mapping[str, Mapping[str, Any]], threads: int
+    ) -> dict[str, float]:
+        """Compile the forward keys that need it in ``threads`` spawned processes, each
+        building the same engine and saving its share's artefacts into the same AOT
+        store (atomic writes); this process then loads them. Returns key -> seconds
+        for what a process compiled. Any failure leaves the keys to this process."""
+        todo = self._pool_candidates(keys)
+        workers = min(threads, len(todo), POOL_MAX)
+        if workers < 2 or os.environ.get("WARMPLAN_KEY_POOL", "1") == "0":
+            return {}
+        r = self.runner
+        assert r.aot is not None
+        root = os.path.dirname(os.path.dirname(r.aot.directory))
+        shares: list[list[tuple[str, dict[str, Any]]]] = [[] for _ in range(workers)]
+        for i, k in enumerate(todo):
+            shares[i % workers].append((k.key, dict(cases[k.key])))
+        config = r.config.as_dict()
+        done: dict[str, float] = {}
+        ctx = multiprocessing.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = [pool.submit(_pool_main, config, root, share) for share in shares]
+                for f in futures:
+                    try:
+                        done.update(f.result(timeout=POOL_TIMEOUT_S))
+                    except Exception as exc:  # the keys fall back to this process
+                        _log.warning("keys.pool_failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # no processes at all (a sandbox, a fork bomb guard)
+            _log.warning("keys.pool_unavailable", error=f"{type(exc).__name__}: {exc}")
+        return done
 
     # -- Triton
 
@@ -506,6 +572,28 @@ class KeyCompiler:
         with r.preserve_state(), torch.no_grad():
             r.dummy_run("single_prefill", 16, 16 if prior else 0)
         return "compiled"
+
+
+def _pool_main(
+    config: dict[str, Any], root: str, share: list[tuple[str, dict[str, Any]]]
+) -> dict[str, float]:
+    """A compile process: the same engine on the same AOT root, its share's forward
+    artefacts compiled and saved (never called). Returns key -> seconds."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    from warmplan.workers.builtin.runner import ModelRunner
+
+    cfg = EngineConfig.from_mapping(config)
+    runner = ModelRunner(cfg, compile=True, aot_root=root)
+    compiler = KeyCompiler(runner, KeyModel(cfg, triton=False))
+    out: dict[str, float] = {}
+    for key, case in share:
+        t0 = time.perf_counter()
+        ck = CompileKey(kernel="forward", key=key, label=key, case=case)
+        compiler._compile_torch(ck, case)
+        out[key] = time.perf_counter() - t0
+    return out
 
 
 def _outcome(text: str) -> KeyOutcome:
