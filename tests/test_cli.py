@@ -82,8 +82,11 @@ def test_plan_env_option_turns_warmup_off(capsys: pytest.CaptureFixture[str]) ->
         "VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP=0",
         "--json",
     )
-    steps = json.loads(capsys.readouterr().out)["steps"]
-    assert steps[0]["skipped"] == "gate env: VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP='0' is false"
+    steps = {s["id"]: s for s in json.loads(capsys.readouterr().out)["steps"]}
+    assert (
+        steps["sparse-mla-decode-autotune"]["skipped"]
+        == "gate env: VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP='0' is false"
+    )
 
 
 def test_bad_plan_exit_1_no_traceback(

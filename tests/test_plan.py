@@ -32,13 +32,13 @@ def test_dsv4_records() -> None:
     plan = load_plan(PLANS / "dsv4.yaml")
     # vLLM's kernel_warmup() runs the sparse-MLA attention warmup before request prep.
     assert [s.id for s in plan.steps] == [
+        "builtin-slot-keys",
+        "builtin-chunk-keys",
+        "builtin-forward-keys",
         "sparse-mla-decode-autotune",
         "sparse-mla-mixed",
         "sparse-mla-prefill",
         "sparse-mla-second-chunk",
-        "builtin-slot-keys",
-        "builtin-chunk-keys",
-        "builtin-forward-keys",
         "slot-mapping",
         "flashinfer-autotune",
         "builtin-slot-mapping",
@@ -46,7 +46,7 @@ def test_dsv4_records() -> None:
     # The built-in engine's steps are gated off every other worker.
     builtin = [s for s in plan.steps if s.id.startswith("builtin-")]
     assert all(s.when.attention_backend == ("BUILTIN_SPARSE_MLA",) for s in builtin)
-    keys = plan.steps[4]
+    keys = plan.steps[0]
     assert isinstance(keys, CompileKeysStep) and keys.kernel == "slot_mapping"
     assert keys.replaces == "slot-mapping"  # the seed's fan, covered where the kernel is keyed
     slot = plan.steps[7]
@@ -58,12 +58,12 @@ def test_dsv4_records() -> None:
         slot.when.env[0].name == "VLLM_ENABLE_DEEPSEEK_V4_SPARSE_MLA_WARMUP"
         and slot.when.env[0].unset
     )
-    auto = plan.steps[0]
+    auto = plan.steps[3]
     assert isinstance(auto, AutotuneStep)
     assert auto.backend == "flashinfer_dsv4_decode"
     assert auto.replaces == "sparse-mla-mixed" and auto.when.device_capability_family == 120
     assert auto.when.flag == {"enable_flashinfer_autotune": (True,)}
-    second = plan.steps[3]
+    second = plan.steps[6]
     assert isinstance(second, DummyRunStep) and second.run.prior_context == "same"
     fi = plan.steps[8]
     assert isinstance(fi, AutotuneStep) and fi.when.device_capability == (9, 0)
