@@ -19,15 +19,20 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from warmplan.domains import KeyDomain
 from warmplan.workers.base import (
     AutotuneBackend,
+    CompileKey,
     EngineWarmup,
     Facts,
+    JitKernelInfo,
+    KeyResult,
+    KeySet,
     Limits,
     Shape,
     StepUnsupported,
@@ -41,6 +46,7 @@ from warmplan.workers.vllm.common import (
     flashinfer_version,
     vllm_version,
 )
+from warmplan.workers.vllm.jit_keys import VllmJitKeys, triton_cache_dirs
 from warmplan.workers.vllm.warmups import VLLM_WARMUPS, available_warmups, run_warmup
 from warmplan.world import World
 from warmplan.world.vllm_group import VllmWorld
@@ -132,6 +138,7 @@ class VllmWorker:
         self._world: VllmWorld | None = None
         self._backends: dict[str, VllmFlashInferBackend] = {}
         self._dummy_run_keywords: tuple[frozenset[str], bool] | None = None
+        self._jit_keys = VllmJitKeys(lambda: getattr(self._runner, "jit_warmup_registry", None))
         self.process_local_only = process_local_only
 
     @property
@@ -326,6 +333,24 @@ class VllmWorker:
         if spec.collective:
             self._refuse_collectives(f"vLLM warmup {name!r}")
         run_warmup(spec, self._worker)
+
+    # -- compile keys: the runner's jit_warmup_registry (warmplan.workers.vllm.jit_keys) --
+
+    def jit_kernels(self) -> Mapping[str, JitKernelInfo]:
+        """Every kernel registered on the runner's ``jit_warmup_registry``; none
+        without one."""
+        return self._jit_keys.jit_kernels()
+
+    def compile_keys(
+        self, kernel: str, domain: KeyDomain | None, *, mode: str = "replace"
+    ) -> KeySet:
+        return self._jit_keys.compile_keys(kernel, domain, mode=mode, env=self.limits.as_dict())
+
+    def compile(self, keys: Sequence[CompileKey], *, threads: int = 1) -> list[KeyResult]:
+        return self._jit_keys.compile(keys, threads=threads)
+
+    def key_artefacts(self) -> Sequence[str]:
+        return triton_cache_dirs()
 
     # -- the layout's own -----------------------------------------------------------
 
