@@ -264,3 +264,39 @@ def test_target_driver_restores_the_previous_driver() -> None:
         assert driver.active.get_current_target().arch == 90
     assert getattr(driver, "_active", None) is before
     assert os.environ.get("TRITON_CACHE_DIR") is None or True
+
+
+def test_a_key_compiled_at_a_size_equal_to_a_buffer_dim_serves_its_whole_class(
+    tmp_path: Path,
+) -> None:
+    """17 tokens is the block table's row count (max_num_seqs + 1): compiled there, the
+    "other" artefact must still serve 2, 3, 5, 31 (no duck-sized guard 17 == rows)."""
+    from warmplan.monitor import JitMonitor
+    from warmplan.workers.builtin import BuiltinWorker
+
+    cfg = {
+        "preset": "dense",
+        "num_layers": 1,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 96,
+        "vocab_size": 128,
+        "block_size": 4,
+        "num_blocks": 96,
+        "max_model_len": 160,
+        "max_num_tokens": 32,
+        "max_num_batched_tokens": 32,
+        "max_num_seqs": 16,
+        "compile_sizes": [4, 32],
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    worker = BuiltinWorker(cfg, aot_root=str(tmp_path / "aot"))
+    keyset = worker.compile_keys("slot_mapping", KeyDomain(params=(("num_tokens", (17,)),)))
+    assert [r.outcome for r in worker.compile(list(keyset.keys))] == ["compiled"]
+    with JitMonitor() as monitor, monitor.attribute("serve"):
+        for n in (2, 3, 5, 17, 31):
+            worker.runner.slot_mapping(n)
+    assert monitor.compiles("serve") == 0, monitor.events

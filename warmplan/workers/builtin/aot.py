@@ -243,7 +243,18 @@ def aot_compile(fn: Callable[..., Any], example: tuple[Any, ...], *, dynamic: bo
         if hasattr(config, "enable_aot_compile")
         else contextlib.nullcontext()
     )
-    with patch:
+    # No duck sizing: two dynamic sizes that happen to be equal in the example (17
+    # tokens in a block table of 17 rows) would get one symbol, and the artefact a
+    # guard that they stay equal - so one compile key's artefact would serve only
+    # the example's coincidence, and the next size of its class would miss it.
+    from torch.fx.experimental import _config as fx_config
+
+    no_duck = (
+        fx_config.patch(use_duck_shape=False)
+        if hasattr(fx_config, "use_duck_shape")
+        else contextlib.nullcontext()
+    )
+    with patch, no_duck:
         optimized: Any = torch.compile(fn, fullgraph=True, dynamic=dynamic)
         method = getattr(optimized, "aot_compile", None)
         if method is not None:
