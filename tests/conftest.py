@@ -38,6 +38,7 @@ COMPILING_MODULES = (
     "test_verify.py",
     "test_vllm_adapter.py",
     "test_vllm_contract.py",
+    "test_vllm_jit_keys.py",
     "test_vllm_equivalence.py",
     "test_vllm_v2.py",
 )
