@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import io
 import os
 import re
-import stat
 import sys
 import tarfile
 import tempfile
@@ -33,9 +31,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from warmplan.cache_root import AOT_DIR
-from warmplan.errors import StepError, WarmplanError
+from warmplan.errors import StepError
 from warmplan.fsutil import default_cache_root
 from warmplan.world import World, WorldError
+from warmplan.world.exchange import (
+    MAX_FILE_BYTES,
+    MAX_SHARE_BYTES,
+    UnsafeArchive,
+    pack,
+    unpack,
+)
 
 STEP_ID = "compile_cache"
 _OK = b"O"
@@ -113,109 +118,20 @@ def cache_dirs() -> dict[str, str]:
     return dirs
 
 
-# The shared directories are per user and host, not per model (/tmp/torchinductor_$USER
-# by default), so they can hold gigabytes of other work; every rank holds the tarball
-# in memory a few times over. Only files a compile cache plausibly holds are sent, the
-# newest first, within a total.
-MAX_SHARE_BYTES = 512 * 1024 * 1024
-MAX_FILE_BYTES = 64 * 1024 * 1024
-
-
-def pack(
-    dirs: dict[str, str],
-    *,
-    max_bytes: int = MAX_SHARE_BYTES,
-    max_file_bytes: int = MAX_FILE_BYTES,
-    skipped: list[str] | None = None,
-) -> bytes:
-    """A tarball (uncompressed, in memory) of regular files under ``dirs``: none
-    larger than ``max_file_bytes``, the newest first until ``max_bytes``; the paths
-    left out are appended to ``skipped``."""
-    found: list[tuple[float, int, str, str]] = []
-    for prefix, root in sorted(dirs.items()):
-        if not os.path.isdir(root):
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                if name.endswith(".tmp"):
-                    continue
-                with contextlib.suppress(OSError):  # a file removed while we walk
-                    st = os.lstat(full)
-                    if stat.S_ISREG(st.st_mode):
-                        arcname = f"{prefix}/{os.path.relpath(full, root)}"
-                        found.append((st.st_mtime, st.st_size, full, arcname))
-    chosen: list[tuple[str, str]] = []
-    total = 0
-    for _, size, full, arcname in sorted(found, key=lambda f: -f[0]):
-        if size > max_file_bytes or total + size > max_bytes:
-            if skipped is not None:
-                skipped.append(full)
-            continue
-        total += size
-        chosen.append((arcname, full))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for arcname, full in sorted(chosen):
-            with contextlib.suppress(OSError):  # a file removed since
-                tar.add(full, arcname=arcname, recursive=False)
-    return buf.getvalue()
-
-
-class UnsafeArchive(WarmplanError):
-    """A compile-cache archive member would escape its directory or is not a file."""
-
-
-def unpack(data: bytes, dirs: dict[str, str]) -> int:
-    """Unpack ``data`` into ``dirs``; returns the number of files written.
-
-    Every member is checked before anything is written: it must be a regular file or
-    directory, under a known prefix, with a relative path free of ``..``.
-    """
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        members = tar.getmembers()
-        plan: list[tuple[tarfile.TarInfo, str]] = []
-        for m in members:
-            name = m.name
-            parts = name.replace("\\", "/").split("/")
-            if name.startswith("/") or os.path.isabs(name) or ".." in parts:
-                raise UnsafeArchive(f"compile-cache archive member {name!r} escapes its directory")
-            if not (m.isfile() or m.isdir()):
-                raise UnsafeArchive(f"compile-cache archive member {name!r} is not a regular file")
-            prefix, rest = parts[0], "/".join(parts[1:])
-            if prefix not in dirs or not rest:
-                raise UnsafeArchive(
-                    f"compile-cache archive member {name!r} is outside the shared caches"
-                )
-            root = os.path.realpath(dirs[prefix])
-            target = os.path.realpath(os.path.join(root, rest))
-            if not target.startswith(root + os.sep):
-                raise UnsafeArchive(f"compile-cache archive member {name!r} escapes {root}")
-            if m.isfile():
-                plan.append((m, target))
-        for m, target in plan:
-            src = tar.extractfile(m)
-            if src is None:
-                continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".wp.", suffix=".tmp", dir=os.path.dirname(target))
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(src.read())
-                os.chmod(tmp, 0o666 & ~_umask())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-    return len(plan)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+# The packing and the checked unpacking live with the rank exchange
+# (``warmplan.world.exchange``); re-exported here, where they began.
+__all__ = [
+    "MAX_FILE_BYTES",
+    "MAX_SHARE_BYTES",
+    "CompileShareOutcome",
+    "UnsafeArchive",
+    "cache_dirs",
+    "inductor_cache_dir",
+    "pack",
+    "share_compile_caches",
+    "triton_cache_dir",
+    "unpack",
+]
 
 
 def share_compile_caches(

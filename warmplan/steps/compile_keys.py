@@ -11,9 +11,11 @@ compiles each key once, without a launch, concurrently where the compiler allows
 own domain (on vLLM 0.34, its ``jit_warmup_registry``).
 
 Across ranks (``split: auto`` with more than one rank) the keys are divided among
-the ranks; each compiles its share, the ranks exchange the compiled artefacts
-(``warmplan.compile_cache``), and then each loads the rest from disk, so cold time
-falls with the number of ranks.
+the ranks; each compiles its share, the ranks exchange the files their compiles
+wrote (``warmplan.world.exchange``: only what is new, nothing when the ranks share
+one cache root), and then each loads the rest from disk, so cold time falls with
+the number of ranks. The report's ``split`` says how: keys and seconds of this
+rank's share, the exchange's seconds and bytes.
 
 The report lists each key: kernel, label, outcome (``compiled``, ``loaded`` from
 disk, ``present`` in the process), seconds, and the rank that compiled it.
@@ -23,9 +25,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from warmplan.domains import (
     MAX_CASES,
@@ -35,7 +37,7 @@ from warmplan.domains import (
     domain_from_raw,
     parse_filter,
 )
-from warmplan.errors import PlanError
+from warmplan.errors import PlanError, StepError
 from warmplan.log import Logger
 from warmplan.steps.base import (
     KeysReport,
@@ -55,6 +57,8 @@ from warmplan.workers.base import (
     StepUnsupported,
     Worker,
 )
+from warmplan.world import DEFAULT_TIMEOUT_S, World, WorldError
+from warmplan.world.exchange import Snapshot, exchange_artefacts, snapshot
 
 NAME: Final = "compile_keys"
 ALL: Final = "*"
@@ -316,10 +320,25 @@ def resolve(step: CompileKeysStep, ctx: ResolveContext) -> ResolvedCompileKeys:
 # --------------------------------------------------------------------------- run
 
 
-# Exchanges the compiled artefacts of a split warmup among the ranks (set by the
-# executor's caller: the compile-cache module owns how files move between ranks).
-Exchange = Callable[[Worker, Sequence[str]], dict[str, Any]]
-_exchange: Exchange | None = None
+# Exchanges the compiled artefacts of a split warmup among the ranks
+# (``warmplan.world.exchange``); tests may install another, ``None`` turns the
+# split off (every rank compiles every key).
+class Exchange(Protocol):
+    def __call__(
+        self,
+        world: World,
+        dirs: Sequence[str],
+        *,
+        since: Snapshot | None,
+        error: str | None,
+        timeout_s: float,
+    ) -> dict[str, Any]: ...
+
+
+_exchange: Exchange | None = exchange_artefacts
+# How long a rank waits for the others at the exchange: it covers the slowest
+# rank's share of the compiles, not only the transfer.
+EXCHANGE_TIMEOUT_S: Final = DEFAULT_TIMEOUT_S
 
 
 def set_exchange(fn: Exchange | None) -> None:
@@ -371,26 +390,7 @@ def run(rstep: ResolvedCompileKeys, worker: Worker, log: Logger) -> StepResult:
     split_info: dict[str, Any] | None = None
     results: dict[tuple[str, str], KeyResult] = {}
     if rstep.split == "auto" and world.world_size > 1 and _exchange is not None and keys:
-        mine = _share(keys, world.rank, world.world_size)
-        t0 = time.perf_counter()
-        for r in worker.compile(mine, threads=rstep.threads):
-            results[_ident(r.key)] = KeyResult(
-                key=r.key, outcome=r.outcome, seconds=r.seconds, rank=world.rank
-            )
-        own_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        moved = _exchange(worker, worker.key_artefacts())
-        exchange_s = time.perf_counter() - t1
-        rest = [k for k in keys if _ident(k) not in results]
-        for r in worker.compile(rest, threads=rstep.threads):
-            results[_ident(r.key)] = r
-        split_info = {
-            "ranks": world.world_size,
-            "own_keys": len(mine),
-            "own_s": round(own_s, 4),
-            "exchange_s": round(exchange_s, 4),
-            **moved,
-        }
+        split_info = _split(rstep, worker, keys, results, _exchange)
     else:
         for r in worker.compile(keys, threads=rstep.threads):
             results[_ident(r.key)] = r
@@ -433,6 +433,55 @@ def run(rstep: ResolvedCompileKeys, worker: Worker, log: Logger) -> StepResult:
     return StepResult(
         covers_run=True, keys=KeysReport(kernels=kernels, keys=per_key, split=split_info)
     )
+
+
+def _split(
+    rstep: ResolvedCompileKeys,
+    worker: KeyedWorker,
+    keys: Sequence[CompileKey],
+    results: dict[tuple[str, str], KeyResult],
+    exchange: Exchange,
+) -> dict[str, Any]:
+    """Compile this rank's share, exchange the artefacts, then compile (load) the rest.
+
+    A failure in this rank's share is carried into the exchange, so every rank fails
+    with one message naming this rank instead of waiting for it; a failed exchange
+    (on any rank, or a peer that hung or died) is a ``StepError`` on every rank."""
+    world = worker.world
+    dirs = list(worker.key_artefacts())
+    mine = _share(keys, world.rank, world.world_size)
+    t0 = time.perf_counter()
+    error: str | None = None
+    cause: BaseException | None = None
+    try:
+        since = snapshot(dirs)
+        for r in worker.compile(mine, threads=rstep.threads):
+            results[_ident(r.key)] = KeyResult(
+                key=r.key, outcome=r.outcome, seconds=r.seconds, rank=world.rank
+            )
+    except Exception as exc:
+        error, cause = f"compiling its share of the keys: {type(exc).__name__}: {exc}", exc
+        since = None
+    own_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    try:
+        moved = exchange(world, dirs, since=since, error=error, timeout_s=EXCHANGE_TIMEOUT_S)
+    except WorldError as exc:
+        raise StepError(rstep.id, str(exc), rank=world.rank) from (cause or exc)
+    exchange_s = time.perf_counter() - t1
+    rest = [k for k in keys if _ident(k) not in results]
+    t2 = time.perf_counter()
+    for r in worker.compile(rest, threads=rstep.threads):
+        results[_ident(r.key)] = r
+    return {
+        "ranks": world.world_size,
+        "own_keys": len(mine),
+        "own_s": round(own_s, 4),
+        "exchange_s": round(exchange_s, 4),
+        "rest_keys": len(rest),
+        "rest_s": round(time.perf_counter() - t2, 4),
+        **moved,
+    }
 
 
 def _ident(key: CompileKey) -> tuple[str, str]:
