@@ -283,7 +283,11 @@ def exchange_artefacts(
             )
     shared = all(h["host"] == host and h["real"] == real for h in heads)
 
-    # What this rank lacks, each file from the lowest rank that offers it.
+    # What this rank lacks, each file from the lowest rank that offers it. Ranks that
+    # share every directory ask for nothing: a peer's files are in this rank's own
+    # directories already (its compile finished before the listing), and a size check
+    # would race a cache that rewrites a file in place (an index, a group manifest),
+    # asking a peer to pack the very file this rank reads.
     wanted: dict[int, list[str]] = {}
     present = 0
     seen: set[str] = set()
@@ -296,7 +300,7 @@ def exchange_artefacts(
                 if arc in seen:
                     continue
                 seen.add(arc)
-                if _present(mine[role], rel, int(size)):
+                if shared or _present(mine[role], rel, int(size)):
                     present += 1
                 else:
                     wanted.setdefault(r, []).append(arc)

@@ -405,6 +405,8 @@ class KeyCompiler:
         worth a compile process (dynamo and inductor's lowering hold the GIL, so
         threads would not overlap them)."""
         r = self.runner
+        if r is None or not any(k.kernel == "forward" for k in keys):
+            return []
         fn = r._static_aot
         if r.aot is None or fn is None:
             return []
