@@ -323,7 +323,7 @@ SMOKE_TRACE = """\
 
 
 def test_builtin_engine_replay_suggest_and_cover(tmp_path: Path) -> None:
-    """On the built-in engine: the smoke plan misses two batches; its suggestions cover them."""
+    """On the built-in engine: the smoke plan misses a batch; its suggestions cover it."""
     from warmplan.plan import load_plan
     from warmplan.suggest import render_yaml
     from warmplan.workers.builtin import build_worker
@@ -332,13 +332,18 @@ def test_builtin_engine_replay_suggest_and_cover(tmp_path: Path) -> None:
     plan_path = root / "plans" / "builtin-smoke.yaml"
     plan = load_plan(plan_path)
     entries = load_trace_entries(_trace(tmp_path, SMOKE_TRACE))
-    result = verify_cmd.verify(plan, build_worker(dict(plan.builtin), device="cpu"), entries)
+    # Roots of its own: artefacts an earlier test left under a shared root would
+    # cover batches this plan does not warm.
+    worker = build_worker(dict(plan.builtin), device="cpu", cache_root=str(tmp_path / "a"))
+    result = verify_cmd.verify(plan, worker, entries)
     assert not result.covered
-    assert result.batches_hit == [2, 3]  # 5 decodes; a chunk after prior context
+    # Only the chunk after prior context: 5 decodes (batch 2) run the dynamic graph
+    # the plan compiled ahead of time, whose sizes are not duck-shaped
+    # to one another (tokens == sequences is not a guard), so it serves them.
+    assert result.batches_hit == [3]
     assert {e.kind for e in result.events} == {"dynamo"}
     suggested = render_yaml(result.suggestions)
     ids = [s["id"] for s in yaml.safe_load(suggested)]
-    assert "suggested-uniform-decode-5" in ids or "suggested-uniform-decode-16" in ids
     assert any(i.startswith("suggested-single-prefill-") and i.endswith("-ctx-100") for i in ids)
 
     pasted = tmp_path / "smoke-plus.yaml"
@@ -350,7 +355,9 @@ def test_builtin_engine_replay_suggest_and_cover(tmp_path: Path) -> None:
     torch._dynamo.reset()
     plan_plus = load_plan(pasted)
     again = verify_cmd.verify(
-        plan_plus, build_worker(dict(plan_plus.builtin), device="cpu"), entries
+        plan_plus,
+        build_worker(dict(plan_plus.builtin), device="cpu", cache_root=str(tmp_path / "b")),
+        entries,
     )
     assert again.events == [], again.rows()
 
