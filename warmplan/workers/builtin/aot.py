@@ -250,7 +250,7 @@ def aot_compile(fn: Callable[..., Any], example: tuple[Any, ...], *, dynamic: bo
     from torch.fx.experimental import _config as fx_config
 
     no_duck = (
-        fx_config.patch(use_duck_shape=False)
+        fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
         if hasattr(fx_config, "use_duck_shape")
         else contextlib.nullcontext()
     )
