@@ -75,8 +75,27 @@ def _compiles_deselected(config: pytest.Config) -> bool:
 FAST_LANE_FUZZ_EXAMPLES = "25"
 
 
+_OWN_CACHE_ROOT = pytest.StashKey[str]()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    root = config.stash.get(_OWN_CACHE_ROOT, None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     import os
+    import tempfile
+
+    # The tests' caches (AOT artefacts, inductor's, Triton's) under a root of this
+    # session, not the user's ~/.cache/warmplan: an artefact a run left there would
+    # cover what a test expects to compile. An operator's setting wins.
+    if not os.environ.get("WARMPLAN_CACHE_ROOT"):
+        os.environ["WARMPLAN_CACHE_ROOT"] = tempfile.mkdtemp(prefix="warmplan-tests-")
+        config.stash[_OWN_CACHE_ROOT] = os.environ["WARMPLAN_CACHE_ROOT"]
 
     if _compiles_deselected(config):
         os.environ.setdefault("WARMPLAN_FUZZ_EXAMPLES", FAST_LANE_FUZZ_EXAMPLES)
