@@ -99,3 +99,49 @@ def target_driver(target: str | None = None) -> Iterator[bool]:
             # Put back what was there; ``None`` (no driver made yet) stays lazy, since
             # ``reset_active`` would create the default driver, which fails without a GPU.
             driver._active = previous
+
+
+class CompileListener:
+    """Chained onto Triton's compile listener (``knobs.compilation.listener``) while
+    installed: which compiled kernel, by its hash, came from the on-disk cache
+    (``hits``), and every compile's cache-hit flag in order (``events``). The listener
+    that was there before is still called, and put back on exit; a Triton without
+    the knob leaves both empty."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, bool] = {}
+        self.events: list[bool] = []
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        try:
+            from triton import knobs
+        except ImportError:
+            yield
+            return
+        compilation = getattr(knobs, "compilation", None)
+        if compilation is None or not hasattr(compilation, "listener"):
+            yield
+            return
+        previous = compilation.listener
+
+        def listener(*args: Any, **kwargs: Any) -> Any:
+            metadata = kwargs.get("metadata")
+            h = (
+                metadata.get("hash")
+                if isinstance(metadata, dict)
+                else getattr(metadata, "hash", None)
+            )
+            hit = bool(kwargs.get("cache_hit"))
+            with self.lock:
+                self.events.append(hit)
+                if h is not None:
+                    self.hits[str(h)] = hit
+            return previous(*args, **kwargs) if previous is not None else None
+
+        compilation.listener = listener
+        try:
+            yield
+        finally:
+            compilation.listener = previous

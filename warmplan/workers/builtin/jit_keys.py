@@ -27,13 +27,11 @@ its kernel, and the report says ``launched``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import multiprocessing
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,7 +51,7 @@ from warmplan.workers.base import (
 from warmplan.workers.builtin import kernels as K
 from warmplan.workers.builtin.attention import ATTENTION_IMPLS
 from warmplan.workers.builtin.config import EngineConfig
-from warmplan.workers.triton_target import TargetDriver
+from warmplan.workers.triton_target import CompileListener, TargetDriver
 
 if TYPE_CHECKING:
     from warmplan.workers.builtin.runner import ModelRunner
@@ -330,42 +328,6 @@ class KeyModel:
 # --------------------------------------------------------------------------- compiling
 
 
-class _Listener:
-    """Chained onto Triton's compile listener while keys compile: which compiled
-    kernel (by its hash) came from the on-disk cache, and its compile time."""
-
-    def __init__(self) -> None:
-        self.hits: dict[str, bool] = {}
-        self.lock = threading.Lock()
-        self.previous: Any = None
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        from triton import knobs
-
-        self.previous = knobs.compilation.listener
-
-        def listener(*args: Any, **kwargs: Any) -> Any:
-            metadata = kwargs.get("metadata")
-            h = (
-                metadata.get("hash")
-                if isinstance(metadata, dict)
-                else getattr(metadata, "hash", None)
-            )
-            if h is not None:
-                with self.lock:
-                    self.hits[str(h)] = bool(kwargs.get("cache_hit"))
-            if self.previous is not None:
-                return self.previous(*args, **kwargs)
-            return None
-
-        knobs.compilation.listener = listener
-        try:
-            yield
-        finally:
-            knobs.compilation.listener = self.previous
-
-
 class KeyCompiler:
     """Compiles keys on a running engine (see the module's docstring)."""
 
@@ -459,7 +421,7 @@ class KeyCompiler:
     ) -> list[tuple[int, KeyResult]]:
         from triton.runtime import driver
 
-        listener = _Listener()
+        listener = CompileListener()
         device = driver.active.get_current_device()
         todo: list[tuple[int, TritonVariant]] = []
         present = set()

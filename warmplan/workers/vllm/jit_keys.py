@@ -66,6 +66,7 @@ from warmplan.workers.base import (
     KeySet,
     StepUnsupported,
 )
+from warmplan.workers.triton_target import CompileListener
 
 DOMAIN_CALLS: Final = frozenset({"WarmupIntRange", "WarmupChoices"})
 # vLLM's helper base classes, by what compiles their kernels.
@@ -536,49 +537,6 @@ def _describe(name: str, kernel: Any, regs: list[Registration]) -> _Kernel:
 # --------------------------------------------------------------------------- compiling
 
 
-class _Listener:
-    """Chained onto Triton's compile listener: which compiled kernel (by hash) came
-    from the on-disk cache, and how many compiles each thread saw."""
-
-    def __init__(self) -> None:
-        self.hits: dict[str, bool] = {}
-        self.events: list[bool] = []
-        self.lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        try:
-            from triton import knobs
-        except ImportError:
-            yield
-            return
-        compilation = getattr(knobs, "compilation", None)
-        if compilation is None or not hasattr(compilation, "listener"):
-            yield
-            return
-        previous = compilation.listener
-
-        def listener(*args: Any, **kwargs: Any) -> Any:
-            metadata = kwargs.get("metadata")
-            h = (
-                metadata.get("hash")
-                if isinstance(metadata, dict)
-                else getattr(metadata, "hash", None)
-            )
-            hit = bool(kwargs.get("cache_hit"))
-            with self.lock:
-                self.events.append(hit)
-                if h is not None:
-                    self.hits[str(h)] = hit
-            return previous(*args, **kwargs) if previous is not None else None
-
-        compilation.listener = listener
-        try:
-            yield
-        finally:
-            compilation.listener = previous
-
-
 def _jit_functions(kernel: Any) -> dict[int, Any]:
     """The ``JITFunction`` objects behind a Triton kernel (through autotuners and
     heuristics), by ``id`` - what a ``TritonJitKey`` names."""
@@ -626,7 +584,9 @@ def _present(kernel: Any, vkey: Any) -> bool:
         return False
 
 
-def _outcome(kernel: Any, vkey: Any, listener: _Listener, events: list[bool] | None) -> KeyOutcome:
+def _outcome(
+    kernel: Any, vkey: Any, listener: CompileListener, events: list[bool] | None
+) -> KeyOutcome:
     """``loaded`` when every variant came from Triton's disk cache, else ``compiled``.
     ``events``: the listener's events during this key's compile (serial compiles)."""
     entries = _triton_entries(kernel, vkey)
@@ -827,7 +787,7 @@ class VllmJitKeys:
                 results[i] = KeyResult(key=key, outcome="present", seconds=0.0)
             else:
                 todo.append(i)
-        listener = _Listener()
+        listener = CompileListener()
         parallel = [i for i in todo if threads > 1 and self._parallel(entries[i][1])]
         if len(parallel) < 2:
             parallel = []
@@ -858,7 +818,7 @@ class VllmJitKeys:
         entries: Sequence[tuple[CompileKey, Any, Any]],
         indices: Sequence[int],
         threads: int,
-        listener: _Listener,
+        listener: CompileListener,
         results: dict[int, KeyResult],
     ) -> None:
         """vLLM's shared pool (``compile_triton_warmup``) with the plan's thread count:
