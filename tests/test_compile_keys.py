@@ -234,10 +234,12 @@ steps:
     assert keys["slot"]["kernels"][0]["cases"] == 3  # 1..16 collapsed to 1, 2, 16
     assert keys["chunk"]["kernels"][0]["compiled"] == 2  # type: ignore[index]
     assert keys["forward"]["kernels"][0]["compiled"] == 2  # type: ignore[index]
-    # The two graphs compiled in two spawned processes (threads: 2), which saved their
-    # artefacts; this process loaded them: its own compiles are the 5 metadata keys.
-    assert report.totals["compiles"] == 5
-    assert report.step("forward").cache_loads == 2
+    # threads: 2 is this process and one spawned one, taking the two graphs from one
+    # queue: each graph is compiled once, here (a compile) or there (saved, then
+    # loaded here); the other compiles are the 5 metadata keys.
+    forward = report.step("forward")
+    assert forward.compiles + forward.cache_loads == 2
+    assert report.totals["compiles"] == 5 + forward.compiles
     second = BuiltinWorker(cfg, aot_root=root)
     warm = run_plan(plan, second)
     assert warm.totals["compiles"] == 0
@@ -300,3 +302,67 @@ def test_a_key_compiled_at_a_size_equal_to_a_buffer_dim_serves_its_whole_class(
         for n in (2, 3, 5, 17, 31):
             worker.runner.slot_mapping(n)
     assert monitor.compiles("serve") == 0, monitor.events
+
+
+def test_the_key_queue_hands_each_index_out_once_across_claimants() -> None:
+    """The shared counter behind the compile pool: concurrent claimants (threads here;
+    spawned processes in the pool) get every index once, then None."""
+    import multiprocessing
+    import threading
+
+    from warmplan.workers.builtin.jit_keys import _claim
+
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    got: list[list[int]] = [[] for _ in range(4)]
+
+    def drain(mine: list[int]) -> None:
+        while (i := _claim(counter, 500)) is not None:
+            mine.append(i)
+
+    workers = [threading.Thread(target=drain, args=(g,)) for g in got]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    claimed = [i for g in got for i in g]
+    assert sorted(claimed) == list(range(500))
+    assert _claim(counter, 500) is None
+
+
+def test_pool_and_this_process_compile_each_graph_once(tmp_path: Path) -> None:
+    """Three graphs, threads: 2 (this process and one spawned one): what each compiled
+    is disjoint, together every graph, each saved; a fresh engine loads all three."""
+    from warmplan.workers.builtin import BuiltinWorker
+
+    cfg = {
+        "preset": "dense",
+        "num_layers": 1,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 96,
+        "vocab_size": 128,
+        "block_size": 4,
+        "num_blocks": 96,
+        "max_model_len": 160,
+        "max_num_tokens": 16,
+        "max_num_batched_tokens": 16,
+        "max_num_seqs": 8,
+        "compile_sizes": [4, 8, 16],
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    root = str(tmp_path / "aot")
+    worker = BuiltinWorker(cfg, aot_root=root)
+    keyset = worker.compile_keys("forward", None)
+    keys = list(keyset.keys)
+    assert len(keys) == 3
+    compiler = KeyCompiler(worker.runner, worker._key_model())
+    spawned, here = compiler._compile_in_pool(keys, worker._key_cases, 2)
+    assert not set(spawned) & set(here)
+    assert set(spawned) | set(here) == {k.key for k in keys}
+    assert all(outcome == "compiled" for outcome, _ in here.values())
+    fresh = BuiltinWorker(cfg, aot_root=root)
+    again = list(fresh.compile_keys("forward", None).keys)
+    assert [r.outcome for r in fresh.compile(again)] == ["loaded"] * 3

@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from warmplan.workers.builtin.runner import ModelRunner
 
 KERNELS = ("slot_mapping", "chunk_metadata", "forward")
-# Forward graphs compile in up to this many spawned processes (threads: N); each
-# builds the engine once (seconds), so a pool pays off from two graphs up.
+# Forward graphs compile here and in up to this many spawned processes (threads - 1);
+# each builds the engine once (seconds) and joins the queue of keys when it is built.
 POOL_MAX = 8
 POOL_TIMEOUT_S = 1800.0
 _log = get_logger("warmplan.keys")
@@ -346,11 +346,15 @@ class KeyCompiler:
         if triton_keys:
             for i, r in self._compile_triton([k for _, k in triton_keys], threads):
                 results[triton_keys[i][0]] = r
-        by_pool = self._compile_in_pool(
+        by_pool, here = self._compile_in_pool(
             [k for i, k in enumerate(keys) if i not in results], cases, threads
         )
         for i, key in enumerate(keys):
             if i in results:
+                continue
+            if key.key in here:  # compiled in this process while the pool ran
+                outcome, seconds = here[key.key]
+                results[i] = KeyResult(key=key, outcome=outcome, seconds=seconds)
                 continue
             t0 = time.perf_counter()
             outcome = self._compile_torch(key, cases[key.key])
@@ -384,35 +388,57 @@ class KeyCompiler:
 
     def _compile_in_pool(
         self, keys: Sequence[CompileKey], cases: Mapping[str, Mapping[str, Any]], threads: int
-    ) -> dict[str, float]:
-        """Compile the forward keys that need it in ``threads`` spawned processes, each
-        building the same engine and saving its share's artefacts into the same AOT
-        store (atomic writes); this process then loads them. Returns key -> seconds
-        for what a process compiled. Any failure leaves the keys to this process."""
+    ) -> tuple[dict[str, float], dict[str, tuple[KeyOutcome, float]]]:
+        """Compile the forward keys that need it in ``threads`` compilers: this process
+        and ``threads - 1`` spawned ones, each building the same engine and saving
+        into the same AOT store (atomic writes). The keys are one queue (a shared
+        counter): this process starts on it at once, each spawned one when its engine
+        is built (seconds of imports), so no compiler waits on a fixed share while
+        another idles. Returns (key -> seconds for what a spawned process compiled,
+        which this process then loads; key -> (outcome, seconds) for what this
+        process compiled). A key a failed process claimed is left to the caller,
+        which compiles what is not on disk."""
         todo = self._pool_candidates(keys)
-        workers = min(threads, len(todo), POOL_MAX)
-        if workers < 2 or os.environ.get("WARMPLAN_KEY_POOL", "1") == "0":
-            return {}
+        workers = min(threads - 1, len(todo) - 1, POOL_MAX)
+        if workers < 1 or os.environ.get("WARMPLAN_KEY_POOL", "1") == "0":
+            return {}, {}
         r = self.runner
         assert r.aot is not None
         root = os.path.dirname(os.path.dirname(r.aot.directory))
-        shares: list[list[tuple[str, dict[str, Any]]]] = [[] for _ in range(workers)]
-        for i, k in enumerate(todo):
-            shares[i % workers].append((k.key, dict(cases[k.key])))
+        queue = [(k.key, dict(cases[k.key])) for k in todo]
         config = r.config.as_dict()
-        done: dict[str, float] = {}
+        spawned: dict[str, float] = {}
+        here: dict[str, tuple[KeyOutcome, float]] = {}
         ctx = multiprocessing.get_context("spawn")
+        counter = ctx.Value("i", 0)
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = [pool.submit(_pool_main, config, root, share) for share in shares]
-                for f in futures:
-                    try:
-                        done.update(f.result(timeout=POOL_TIMEOUT_S))
-                    except Exception as exc:  # the keys fall back to this process
-                        _log.warning("keys.pool_failed", error=f"{type(exc).__name__}: {exc}")
+            pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=ctx,
+                initializer=_pool_init,
+                initargs=(counter,),
+            )
+            futures = [pool.submit(_pool_main, config, root, queue) for _ in range(workers)]
         except Exception as exc:  # no processes at all (a sandbox, a fork bomb guard)
             _log.warning("keys.pool_unavailable", error=f"{type(exc).__name__}: {exc}")
-        return done
+            return {}, {}
+        with pool:
+            try:
+                while (i := _claim(counter, len(queue))) is not None:
+                    key, case = queue[i]
+                    t0 = time.perf_counter()
+                    ck = CompileKey(kernel="forward", key=key, label=key, case=case)
+                    outcome = self._compile_torch(ck, case)
+                    here[key] = (outcome, time.perf_counter() - t0)
+            finally:
+                with counter.get_lock():  # on an error here, nothing more is started
+                    counter.value = len(queue)
+            for f in futures:
+                try:
+                    spawned.update(f.result(timeout=POOL_TIMEOUT_S))
+                except Exception as exc:  # its claimed keys fall back to this process
+                    _log.warning("keys.pool_failed", error=f"{type(exc).__name__}: {exc}")
+        return spawned, here
 
     # -- Triton
 
@@ -538,26 +564,54 @@ class KeyCompiler:
         return "compiled"
 
 
+_shared_counter: Any = None  # a spawned compile process's handle on the key queue
+
+
+def _pool_init(counter: Any) -> None:
+    global _shared_counter
+    _shared_counter = counter
+
+
+def _claim(counter: Any, n: int) -> int | None:
+    """The next unclaimed index of a queue of ``n`` keys, or ``None``."""
+    with counter.get_lock():
+        i = int(counter.value)
+        if i >= n:
+            return None
+        counter.value = i + 1
+        return i
+
+
 def _pool_main(
-    config: dict[str, Any], root: str, share: list[tuple[str, dict[str, Any]]]
+    config: dict[str, Any], root: str, queue: list[tuple[str, dict[str, Any]]]
 ) -> dict[str, float]:
-    """A compile process: the same engine on the same AOT root, its share's forward
-    artefacts compiled and saved (never called). Returns key -> seconds."""
+    """A compile process: the same engine on the same AOT root; claims keys from the
+    shared queue until it is empty, compiling and saving each key's forward artefact
+    (never called). Returns key -> seconds."""
     import warnings
 
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     from warmplan.workers.builtin.runner import ModelRunner
 
+    out: dict[str, float] = {}
+    if _claim_peek(_shared_counter, len(queue)):
+        return out  # drained while this process started
     cfg = EngineConfig.from_mapping(config)
     runner = ModelRunner(cfg, compile=True, aot_root=root)
     compiler = KeyCompiler(runner, KeyModel(cfg, triton=False))
-    out: dict[str, float] = {}
-    for key, case in share:
+    while (i := _claim(_shared_counter, len(queue))) is not None:
+        key, case = queue[i]
         t0 = time.perf_counter()
         ck = CompileKey(kernel="forward", key=key, label=key, case=case)
         compiler._compile_torch(ck, case)
         out[key] = time.perf_counter() - t0
     return out
+
+
+def _claim_peek(counter: Any, n: int) -> bool:
+    """Whether every key of the queue is claimed already."""
+    with counter.get_lock():
+        return int(counter.value) >= n
 
 
 def _outcome(text: str) -> KeyOutcome:
