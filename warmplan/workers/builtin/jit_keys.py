@@ -20,7 +20,8 @@ for a target (``warmplan.workers.triton_target``). ``KeyCompiler`` compiles keys
 on a running engine without launching: Triton's ``warmup`` on storage-less
 stand-in tensors (concurrently under ``triton.AsyncCompileMode`` where Triton has
 it), then a load onto the device; the CPU and forward artefacts through
-``AotFunction.prepare`` (traced on the engine's buffers, never called). Without
+``AotFunction.prepare`` (traced on the engine's buffers, never called); forward
+graphs from one queue in this process and spawned ones (``threads``). Without
 ahead-of-time artefacts (``WARMPLAN_AOT=0``) a CPU key is warmed by one call of
 its kernel, and the report says ``launched``.
 """
