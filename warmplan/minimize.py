@@ -21,6 +21,10 @@ Model-based, on the built-in engine, before anything is built or compiled:
 The plan's text is edited, not re-dumped: removed steps are cut out with the comments
 above them, narrowed ones re-rendered in place, everything else (header, builtin
 block, gates, comments) kept as written.
+
+Over ~400 lines on purpose: needed keys, covered keys, the cover and the text edit
+are one algorithm over one model of the engine; split, each part would have to
+re-derive the others' view of a step.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ it), then a load onto the device; the CPU and forward artefacts through
 graphs from one queue in this process and spawned ones (``threads``). Without
 ahead-of-time artefacts (``WARMPLAN_AOT=0``) a CPU key is warmed by one call of
 its kernel, and the report says ``launched``.
+
+Over ~400 lines on purpose: the keys a kernel has and how each is compiled must
+agree (the key model's variants are what the compiler compiles), so both stay here.
 """
 
 from __future__ import annotations
