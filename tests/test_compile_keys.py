@@ -32,6 +32,24 @@ SIZES = [*range(1, 17), 32, 64, 128, 256, 512]
 LIMITS = Limits(max_num_tokens=512, max_num_batched_tokens=512, max_num_seqs=8)
 
 
+# The smallest engine the CPU tests compile (one layer, hidden 64); each test adds its
+# preset, limits and compile sizes.
+TINY_CPU: dict[str, Any] = {
+    "num_layers": 1,
+    "hidden_size": 64,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "vocab_size": 128,
+    "block_size": 4,
+    "num_blocks": 96,
+    "max_model_len": 160,
+    "device": "cpu",
+    "dtype": "float32",
+}
+
+
 @pytest.fixture
 def engine() -> EngineConfig:
     return EngineConfig.from_mapping(
@@ -185,17 +203,8 @@ def test_cpu_keys_compile_ahead_of_time_and_a_replay_compiles_nothing(tmp_path: 
     from warmplan.workers.builtin import BuiltinWorker
 
     cfg = {
+        **TINY_CPU,
         "preset": "sparse-mla",
-        "num_layers": 1,
-        "hidden_size": 64,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "head_dim": 16,
-        "intermediate_size": 96,
-        "vocab_size": 128,
-        "block_size": 4,
-        "num_blocks": 96,
-        "max_model_len": 160,
         "max_num_tokens": 16,
         "max_num_batched_tokens": 16,
         "max_num_seqs": 8,
@@ -205,8 +214,6 @@ def test_cpu_keys_compile_ahead_of_time_and_a_replay_compiles_nothing(tmp_path: 
         "index_topk": 8,
         "index_head_dim": 16,
         "index_num_heads": 2,
-        "device": "cpu",
-        "dtype": "float32",
     }
     plan = parse_plan(
         """\
@@ -277,23 +284,12 @@ def test_a_key_compiled_at_a_size_equal_to_a_buffer_dim_serves_its_whole_class(
     from warmplan.workers.builtin import BuiltinWorker
 
     cfg = {
+        **TINY_CPU,
         "preset": "dense",
-        "num_layers": 1,
-        "hidden_size": 64,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "head_dim": 16,
-        "intermediate_size": 96,
-        "vocab_size": 128,
-        "block_size": 4,
-        "num_blocks": 96,
-        "max_model_len": 160,
         "max_num_tokens": 32,
         "max_num_batched_tokens": 32,
         "max_num_seqs": 16,
         "compile_sizes": [4, 32],
-        "device": "cpu",
-        "dtype": "float32",
     }
     worker = BuiltinWorker(cfg, aot_root=str(tmp_path / "aot"))
     keyset = worker.compile_keys("slot_mapping", KeyDomain(params=(("num_tokens", (17,)),)))
@@ -335,23 +331,12 @@ def test_pool_and_this_process_compile_each_graph_once(tmp_path: Path) -> None:
     from warmplan.workers.builtin import BuiltinWorker
 
     cfg = {
+        **TINY_CPU,
         "preset": "dense",
-        "num_layers": 1,
-        "hidden_size": 64,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "head_dim": 16,
-        "intermediate_size": 96,
-        "vocab_size": 128,
-        "block_size": 4,
-        "num_blocks": 96,
-        "max_model_len": 160,
         "max_num_tokens": 16,
         "max_num_batched_tokens": 16,
         "max_num_seqs": 8,
         "compile_sizes": [4, 8, 16],
-        "device": "cpu",
-        "dtype": "float32",
     }
     root = str(tmp_path / "aot")
     worker = BuiltinWorker(cfg, aot_root=root)
