@@ -20,6 +20,7 @@ pytestmark = pytest.mark.compiles
 
 triton = pytest.importorskip("triton", reason="tests need triton (the test extra installs it)")
 
+from tests._engines import tiny  # noqa: E402
 from warmplan.domains import IntRange, KeyDomain  # noqa: E402
 from warmplan.workers.base import Limits  # noqa: E402
 from warmplan.workers.builtin import kernels as K  # noqa: E402
@@ -30,24 +31,6 @@ from warmplan.workers.triton_target import target_driver  # noqa: E402
 FAN = KeyDomain(params=(("num_tokens", (IntRange(1, 16), 32, 64, 128, 256, 512)),))
 SIZES = [*range(1, 17), 32, 64, 128, 256, 512]
 LIMITS = Limits(max_num_tokens=512, max_num_batched_tokens=512, max_num_seqs=8)
-
-
-# The smallest engine the CPU tests compile (one layer, hidden 64); each test adds its
-# preset, limits and compile sizes.
-TINY_CPU: dict[str, Any] = {
-    "num_layers": 1,
-    "hidden_size": 64,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 16,
-    "intermediate_size": 96,
-    "vocab_size": 128,
-    "block_size": 4,
-    "num_blocks": 96,
-    "max_model_len": 160,
-    "device": "cpu",
-    "dtype": "float32",
-}
 
 
 @pytest.fixture
@@ -202,19 +185,14 @@ def test_cpu_keys_compile_ahead_of_time_and_a_replay_compiles_nothing(tmp_path: 
     from warmplan.plan import parse_plan
     from warmplan.workers.builtin import BuiltinWorker
 
-    cfg = {
-        **TINY_CPU,
-        "preset": "sparse-mla",
-        "max_num_tokens": 16,
-        "max_num_batched_tokens": 16,
-        "max_num_seqs": 8,
-        "compile_sizes": [4, 16],
-        "kv_lora_rank": 32,
-        "qk_rope_head_dim": 8,
-        "index_topk": 8,
-        "index_head_dim": 16,
-        "index_num_heads": 2,
-    }
+    cfg = tiny(
+        "sparse-mla",
+        num_layers=1,
+        max_num_tokens=16,
+        max_num_batched_tokens=16,
+        compile_sizes=[4, 16],
+        dtype="float32",
+    )
     plan = parse_plan(
         """\
 version: 1
@@ -283,14 +261,15 @@ def test_a_key_compiled_at_a_size_equal_to_a_buffer_dim_serves_its_whole_class(
     from warmplan.monitor import JitMonitor
     from warmplan.workers.builtin import BuiltinWorker
 
-    cfg = {
-        **TINY_CPU,
-        "preset": "dense",
-        "max_num_tokens": 32,
-        "max_num_batched_tokens": 32,
-        "max_num_seqs": 16,
-        "compile_sizes": [4, 32],
-    }
+    cfg = tiny(
+        "dense",
+        num_layers=1,
+        max_num_tokens=32,
+        max_num_batched_tokens=32,
+        max_num_seqs=16,
+        compile_sizes=[4, 32],
+        dtype="float32",
+    )
     worker = BuiltinWorker(cfg, aot_root=str(tmp_path / "aot"))
     keyset = worker.compile_keys("slot_mapping", KeyDomain(params=(("num_tokens", (17,)),)))
     assert [r.outcome for r in worker.compile(list(keyset.keys))] == ["compiled"]
@@ -330,14 +309,14 @@ def test_pool_and_this_process_compile_each_graph_once(tmp_path: Path) -> None:
     is disjoint, together every graph, each saved; a fresh engine loads all three."""
     from warmplan.workers.builtin import BuiltinWorker
 
-    cfg = {
-        **TINY_CPU,
-        "preset": "dense",
-        "max_num_tokens": 16,
-        "max_num_batched_tokens": 16,
-        "max_num_seqs": 8,
-        "compile_sizes": [4, 8, 16],
-    }
+    cfg = tiny(
+        "dense",
+        num_layers=1,
+        max_num_tokens=16,
+        max_num_batched_tokens=16,
+        compile_sizes=[4, 8, 16],
+        dtype="float32",
+    )
     root = str(tmp_path / "aot")
     worker = BuiltinWorker(cfg, aot_root=root)
     keyset = worker.compile_keys("forward", None)

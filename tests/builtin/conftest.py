@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny engines (eager for numerics, compiled for graph behaviour)."""
+"""Shared fixtures: tiny engines (eager for numerics, compiled for graph behaviour);
+the configs are ``tests._engines``'s."""
 
 from __future__ import annotations
 
@@ -9,36 +10,9 @@ from typing import Any
 import pytest
 import torch
 
+from tests._engines import tiny
 from warmplan.workers.builtin import BuiltinWorker
 from warmplan.workers.builtin.model import Decoder, DenseAttention, SparseMlaAttention
-
-TINY: dict[str, Any] = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 16,
-    "intermediate_size": 96,
-    "vocab_size": 128,
-    "block_size": 4,
-    "num_blocks": 96,
-    "max_model_len": 160,
-    "max_num_tokens": 64,
-    "max_num_batched_tokens": 64,
-    "max_num_seqs": 8,
-    "compile_sizes": [4, 8, 16, 32],
-    "kv_lora_rank": 32,
-    "qk_rope_head_dim": 8,
-    "index_topk": 8,
-    "index_head_dim": 16,
-    "index_num_heads": 2,
-    "device": "cpu",
-}
-
-
-def tiny(preset: str, **overrides: Any) -> dict[str, Any]:
-    """The tiny test config of ``preset`` with ``overrides``."""
-    return {**TINY, "preset": preset, **overrides}
 
 
 @pytest.fixture(name="tiny", scope="session")
