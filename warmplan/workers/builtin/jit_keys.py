@@ -374,9 +374,9 @@ class KeyCompiler:
         """Forward keys with no artefact on disk and none in this process: the ones
         worth a compile process (dynamo and inductor's lowering hold the GIL, so
         threads would not overlap them)."""
+        if not any(k.kernel == "forward" for k in keys):
+            return []  # nothing for a process (and a Triton-only compiler has no engine)
         r = self.runner
-        if r is None or not any(k.kernel == "forward" for k in keys):
-            return []
         fn = r._static_aot
         if r.aot is None or fn is None:
             return []
@@ -428,12 +428,7 @@ class KeyCompiler:
             return {}, {}
         with pool:
             try:
-                while (i := _claim(counter, len(queue))) is not None:
-                    key, case = queue[i]
-                    t0 = time.perf_counter()
-                    ck = CompileKey(kernel="forward", key=key, label=key, case=case)
-                    outcome = self._compile_torch(ck, case)
-                    here[key] = (outcome, time.perf_counter() - t0)
+                here = _drain(self, counter, queue)
             finally:
                 with counter.get_lock():  # on an error here, nothing more is started
                     counter.value = len(queue)
@@ -586,6 +581,21 @@ def _claim(counter: Any, n: int) -> int | None:
         return i
 
 
+def _drain(
+    compiler: KeyCompiler, counter: Any, queue: Sequence[tuple[str, dict[str, Any]]]
+) -> dict[str, tuple[KeyOutcome, float]]:
+    """Compile forward keys claimed from the shared queue until it is empty: key ->
+    (outcome, seconds). This process and each spawned one run it."""
+    out: dict[str, tuple[KeyOutcome, float]] = {}
+    while (i := _claim(counter, len(queue))) is not None:
+        key, case = queue[i]
+        t0 = time.perf_counter()
+        ck = CompileKey(kernel="forward", key=key, label=key, case=case)
+        outcome = compiler._compile_torch(ck, case)
+        out[key] = (outcome, time.perf_counter() - t0)
+    return out
+
+
 def _pool_main(
     config: dict[str, Any], root: str, queue: list[tuple[str, dict[str, Any]]]
 ) -> dict[str, float]:
@@ -597,25 +607,12 @@ def _pool_main(
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     from warmplan.workers.builtin.runner import ModelRunner
 
-    out: dict[str, float] = {}
-    if _claim_peek(_shared_counter, len(queue)):
-        return out  # drained while this process started
+    if _shared_counter.value >= len(queue):
+        return {}  # drained while this process started: build no engine
     cfg = EngineConfig.from_mapping(config)
     runner = ModelRunner(cfg, compile=True, aot_root=root)
     compiler = KeyCompiler(runner, KeyModel(cfg, triton=False))
-    while (i := _claim(_shared_counter, len(queue))) is not None:
-        key, case = queue[i]
-        t0 = time.perf_counter()
-        ck = CompileKey(kernel="forward", key=key, label=key, case=case)
-        compiler._compile_torch(ck, case)
-        out[key] = time.perf_counter() - t0
-    return out
-
-
-def _claim_peek(counter: Any, n: int) -> bool:
-    """Whether every key of the queue is claimed already."""
-    with counter.get_lock():
-        return int(counter.value) >= n
+    return {key: seconds for key, (_, seconds) in _drain(compiler, _shared_counter, queue).items()}
 
 
 def _outcome(text: str) -> KeyOutcome:
