@@ -27,3 +27,16 @@ def test_ranks_exit_with_their_code_not_an_abort(
         results = launch(2, {"code": code}, out=tmp_path / f"a{attempt}", wall_timeout_s=60)
         assert [r.returncode for r in results] == [code, code], [r.stderr[-800:] for r in results]
         assert not any("terminate called" in r.stderr for r in results)
+
+
+def test_a_closed_world_refuses_collectives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close`` lets go of the group: a collective after it is a ``WorldError`` naming
+    the rank, not a call into a destroyed group; the atexit ``close`` after it is a
+    no-op and the rank still exits with its code."""
+    monkeypatch.setattr(launch_mod, "RANK_MAIN", EXIT_MAIN)
+    results = launch(2, {"code": 3, "close": True}, out=tmp_path / "o", wall_timeout_s=60)
+    assert [r.returncode for r in results] == [3, 3], [r.stderr[-800:] for r in results]
+    for r in results:
+        assert f"all_gather on rank {r.rank}: this world was closed" in r.stderr, r.stderr

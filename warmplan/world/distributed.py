@@ -65,7 +65,8 @@ class TorchWorld:
         """Initialise the default group from the launcher's environment (``env://``)."""
         e = os.environ if env is None else env
         rank, local_rank, world_size = launch_env(e)
-        if not dist.is_initialized():
+        owned = not dist.is_initialized()
+        if owned:
             on_cuda = torch.cuda.is_available()
             backend = "cuda:nccl,cpu:gloo" if on_cuda else "gloo"
             if on_cuda:
@@ -80,9 +81,6 @@ class TorchWorld:
                     f"{e.get('MASTER_ADDR')}:{e.get('MASTER_PORT')} within "
                     f"{time.monotonic() - start:.1f}s (timeout {timeout_s:g}s): {text}"
                 ) from exc
-            owned = True
-        else:
-            owned = False
         gloo = None
         if dist.get_backend() != "gloo":
             gloo = dist.new_group(backend="gloo", timeout=_td(timeout_s))
@@ -99,7 +97,7 @@ class TorchWorld:
         threads still joinable now and then, and the rank aborts (``terminate called
         without an active exception``, SIGABRT) instead of exiting with its code: on
         the 2-core CPU, two ranks that exit through ``current_world`` without this
-        aborted in 5 of 16 processes, with it in none of 16. Destroying is local to the
+        aborted in 5 of 16 processes, with it in none of 24. Destroying is local to the
         rank (no collective), so a peer that already exited or died does not hold it
         up (4-24 ms after the peer was gone). Collectives after ``close`` raise
         ``WorldError``."""
@@ -146,6 +144,8 @@ class TorchWorld:
             return None
 
     def _run(self, what: str, timeout_s: float, src: int | None, fn: Callable[[], T]) -> T:
+        if self._group is None:
+            raise WorldError(f"{what} on rank {self._rank}: this world was closed")
         key = self._arrive(what)
         start = time.monotonic()
         try:
