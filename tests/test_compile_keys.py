@@ -25,7 +25,12 @@ from warmplan.domains import IntRange, KeyDomain  # noqa: E402
 from warmplan.workers.base import Limits  # noqa: E402
 from warmplan.workers.builtin import kernels as K  # noqa: E402
 from warmplan.workers.builtin.config import EngineConfig  # noqa: E402
-from warmplan.workers.builtin.jit_keys import KeyCompiler, KeyModel, StandIn  # noqa: E402
+from warmplan.workers.builtin.jit_keys import (  # noqa: E402
+    KeyCompiler,
+    KeyModel,
+    StandIn,
+    _inductor_share,
+)
 from warmplan.workers.triton_target import target_driver  # noqa: E402
 
 FAN = KeyDomain(params=(("num_tokens", (IntRange(1, 16), 32, 64, 128, 256, 512)),))
@@ -302,6 +307,21 @@ def test_the_key_queue_hands_each_index_out_once_across_claimants() -> None:
     claimed = [i for g in got for i in g]
     assert sorted(claimed) == list(range(500))
     assert _claim(counter, 500) is None
+
+
+@pytest.mark.parametrize(
+    ("cores", "compilers", "share"), [(16, 8, 2), (16, 3, 5), (2, 2, 1), (2, 8, 1), (None, 2, 1)]
+)
+def test_a_spawned_compiler_gets_its_share_of_the_cores(
+    monkeypatch: pytest.MonkeyPatch, cores: int | None, compilers: int, share: int
+) -> None:
+    """Inductor's compile workers per spawned compiler: the cores divided among the
+    compilers, never below 1 (1: no worker pool at all), an override wins."""
+    monkeypatch.delenv("WARMPLAN_POOL_INDUCTOR_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert _inductor_share(compilers) == share
+    monkeypatch.setenv("WARMPLAN_POOL_INDUCTOR_THREADS", "3")
+    assert _inductor_share(compilers) == 3
 
 
 def test_pool_and_this_process_compile_each_graph_once(tmp_path: Path) -> None:

@@ -411,6 +411,7 @@ class KeyCompiler:
         root = os.path.dirname(os.path.dirname(r.aot.directory))
         queue = [(k.key, dict(cases[k.key])) for k in todo]
         config = r.config.as_dict()
+        inductor_threads = _inductor_share(workers + 1)
         spawned: dict[str, float] = {}
         here: dict[str, tuple[KeyOutcome, float]] = {}
         ctx = multiprocessing.get_context("spawn")
@@ -422,7 +423,10 @@ class KeyCompiler:
                 initializer=_pool_init,
                 initargs=(counter,),
             )
-            futures = [pool.submit(_pool_main, config, root, queue) for _ in range(workers)]
+            futures = [
+                pool.submit(_pool_main, config, root, queue, inductor_threads)
+                for _ in range(workers)
+            ]
         except Exception as exc:  # no processes at all (a sandbox, a fork bomb guard)
             _log.warning("keys.pool_unavailable", error=f"{type(exc).__name__}: {exc}")
             return {}, {}
@@ -596,19 +600,39 @@ def _drain(
     return out
 
 
+def _inductor_share(compilers: int) -> int:
+    """Inductor's compile workers for one spawned compiler: the host's cores shared
+    among the ``compilers`` processes compiling at once. Left alone, inductor gives
+    every process a pool of min(32, cores) worker processes, each importing torch, so
+    eight compilers on 16 cores would start 136 processes fighting for the cores the
+    compiles need (inductor itself skips its pool in fbcode for this reason). At 1 a
+    process compiles its kernels in itself, with no pool."""
+    override = os.environ.get("WARMPLAN_POOL_INDUCTOR_THREADS")
+    if override:
+        return max(1, int(override))
+    return max(1, (os.cpu_count() or 1) // max(1, compilers))
+
+
 def _pool_main(
-    config: dict[str, Any], root: str, queue: list[tuple[str, dict[str, Any]]]
+    config: dict[str, Any],
+    root: str,
+    queue: list[tuple[str, dict[str, Any]]],
+    inductor_threads: int,
 ) -> dict[str, float]:
     """A compile process: the same engine on the same AOT root; claims keys from the
     shared queue until it is empty, compiling and saving each key's forward artefact
-    (never called). Returns key -> seconds."""
+    (never called), with ``inductor_threads`` compile workers of inductor's. Returns
+    key -> seconds."""
     import warnings
 
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch._inductor.config as inductor_config
+
     from warmplan.workers.builtin.runner import ModelRunner
 
     if _shared_counter.value >= len(queue):
         return {}  # drained while this process started: build no engine
+    inductor_config.compile_threads = inductor_threads
     cfg = EngineConfig.from_mapping(config)
     runner = ModelRunner(cfg, compile=True, aot_root=root)
     compiler = KeyCompiler(runner, KeyModel(cfg, triton=False))
