@@ -316,12 +316,16 @@ def test_a_spawned_compiler_gets_its_share_of_the_cores(
     monkeypatch: pytest.MonkeyPatch, cores: int | None, compilers: int, share: int
 ) -> None:
     """Inductor's compile workers per spawned compiler: the cores divided among the
-    compilers, never below 1 (1: no worker pool at all), an override wins."""
+    compilers, never below 1 (1: no worker pool at all); a valid override wins, an
+    invalid one is ignored."""
     monkeypatch.delenv("WARMPLAN_POOL_INDUCTOR_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     assert _inductor_share(compilers) == share
     monkeypatch.setenv("WARMPLAN_POOL_INDUCTOR_THREADS", "3")
     assert _inductor_share(compilers) == 3
+    for bad in ("0", "-2", "two"):  # ignored, not a traceback in the middle of a plan
+        monkeypatch.setenv("WARMPLAN_POOL_INDUCTOR_THREADS", bad)
+        assert _inductor_share(compilers) == share
 
 
 def test_pool_and_this_process_compile_each_graph_once(tmp_path: Path) -> None:

@@ -604,13 +604,25 @@ def _inductor_share(compilers: int) -> int:
     """Inductor's compile workers for one spawned compiler: the host's cores shared
     among the ``compilers`` processes compiling at once. Left alone, inductor gives
     every process a pool of min(32, cores) worker processes, each importing torch, so
-    eight compilers on 16 cores would start 136 processes fighting for the cores the
-    compiles need (inductor itself skips its pool in fbcode for this reason). At 1 a
-    process compiles its kernels in itself, with no pool."""
-    override = os.environ.get("WARMPLAN_POOL_INDUCTOR_THREADS")
-    if override:
-        return max(1, int(override))
-    return max(1, (os.cpu_count() or 1) // max(1, compilers))
+    by inductor's defaults eight compilers on 16 cores would start 136 processes
+    (inductor itself skips its pool in fbcode for this reason; what that costs here
+    is not measured on a GPU). At 1 a process compiles its kernels in itself, with no
+    pool. ``WARMPLAN_POOL_INDUCTOR_THREADS`` overrides the share; a value that is not
+    a whole number >= 1 is ignored with a warning."""
+    share = max(1, (os.cpu_count() or 1) // max(1, compilers))
+    override = os.environ.get("WARMPLAN_POOL_INDUCTOR_THREADS", "")
+    if not override:
+        return share
+    if override.isdigit() and int(override) >= 1:
+        return int(override)
+    _log.warning(
+        "keys.pool_inductor_threads_ignored",
+        variable="WARMPLAN_POOL_INDUCTOR_THREADS",
+        value=override,
+        expected="a whole number >= 1",
+        using=share,
+    )
+    return share
 
 
 def _pool_main(
